@@ -1,0 +1,281 @@
+"""Bus wiring shared by every service: the one broker factory, the stream, dead-lettering, and the
+event publisher (ordered, retried with the same `Nats-Msg-Id`, never blocking its caller).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from faststream._internal.middlewares import BaseMiddleware
+from faststream.message import StreamMessage
+from faststream.nats import JStream, NatsBroker, NatsUserPassword, StorageType
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from nats.js.api import KeyValueConfig, StreamConfig
+from nats.js.errors import BadRequestError
+from opentelemetry import context as otel_context
+from pydantic import ValidationError
+
+from shared import subjects
+from shared.contracts import ErrorReply, Event, utcnow
+from shared.settings import BusSettings
+from shared.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+DUPLICATE_WINDOW_S = 120.0
+"""JetStream de-duplication window on `Nats-Msg-Id`: a retried publish inside it is stored once."""
+
+DLQ_STREAM_NAME = "PAUSEPATCH_DLQ"
+
+
+def events_stream(declare: bool, replicas: int = 1) -> JStream:
+    """The `PAUSEPATCH` stream. Only its owner (the planner) passes `declare=True`."""
+    return JStream(
+        subjects.STREAM_NAME,
+        subjects=[subjects.EVENTS_ROOT],
+        storage=StorageType.FILE,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        num_replicas=replicas,
+        declare=declare,
+    )
+
+
+async def declare_streams(broker: NatsBroker, replicas: int = 1) -> None:
+    """Create or update the event and dead-letter streams (the owner calls this at start)."""
+    js = broker.config.connection_state.stream
+    for config in (
+        StreamConfig(
+            name=subjects.STREAM_NAME,
+            subjects=[subjects.EVENTS_ROOT],
+            storage=StorageType.FILE,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            num_replicas=replicas,
+        ),
+        StreamConfig(
+            name=DLQ_STREAM_NAME,
+            subjects=[subjects.dead_letter("*")],
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            max_age=7 * 24 * 3600,
+        ),
+    ):
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            await js.update_stream(config)
+
+
+async def key_value(broker: NatsBroker, bucket: str, replicas: int = 1, ttl: float | None = None) -> Any:
+    """A JetStream KV bucket, created when missing (`ttl` expires every key, e.g. leases)."""
+    js = broker.config.connection_state.stream
+    try:
+        return await js.key_value(bucket)
+    except Exception:  # noqa: BLE001 - nats raises BucketNotFoundError or NotFoundError by version
+        return await js.create_key_value(
+            KeyValueConfig(bucket=bucket, replicas=replicas, ttl=ttl, history=1)
+        )
+
+
+def make_broker(service: str, settings: BusSettings, telemetry: Telemetry) -> NatsBroker:
+    """The broker of a service: telemetry outermost, then dead-lettering of unreadable input."""
+    security = None
+    if settings.nats_user:
+        password = settings.nats_password.get_secret_value() if settings.nats_password else ""
+        security = NatsUserPassword(settings.nats_user, password)
+    broker = NatsBroker(
+        settings.nats_servers,
+        name=f"pausepatch-{service}",
+        security=security,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=1,
+        connect_timeout=5,
+        log_level=logging.DEBUG,
+        middlewares=[
+            NatsTelemetryMiddleware(
+                tracer_provider=telemetry.tracer_provider,
+                meter_provider=telemetry.meter_provider,
+            ),
+            DeadLetter.factory(service, telemetry),
+        ],
+        description=f"pausepatch {service}",
+    )
+    return broker
+
+
+class DeadLetter(BaseMiddleware):  # type: ignore[type-arg]
+    """Unreadable input (not JSON, wrong schema, wrong type) goes to `pp.dlq.<service>` with the
+    reason and the original bytes; the message is acknowledged and the consumer goes on. A command
+    (a request with a reply subject) also gets a structured `{error, detail}` answer."""
+
+    service: str = ""
+    counter: Any = None
+
+    @classmethod
+    def factory(cls, service: str, telemetry: Telemetry) -> type[DeadLetter]:
+        """A middleware class bound to one service."""
+        counter = telemetry.meter("pausepatch").create_counter(
+            "pp.dlq.messages", description="Messages dead-lettered"
+        )
+        return type(f"DeadLetter_{service}", (cls,), {"service": service, "counter": counter})
+
+    async def consume_scope(
+        self, call_next: Callable[[StreamMessage[Any]], Awaitable[Any]], msg: StreamMessage[Any]
+    ) -> Any:
+        try:
+            return await call_next(msg)
+        except ValidationError as exc:
+            reason = _validation_reason(exc)
+        except UnicodeDecodeError as exc:
+            reason = f"not UTF-8 JSON: {exc}"
+        await self._dead_letter(msg, reason)
+        if msg.reply_to:
+            return ErrorReply(error="invalid-request", detail=reason).to_json()
+        return None
+
+    async def _dead_letter(self, msg: StreamMessage[Any], reason: str) -> None:
+        raw: bytes = msg.body if isinstance(msg.body, bytes) else bytes(msg.body)
+        subject = getattr(msg.raw_message, "subject", "")
+        body = {
+            "service": self.service,
+            "subject": subject,
+            "reason": reason,
+            "received_at": utcnow().isoformat(),
+            "original_b64": base64.b64encode(raw).decode(),
+        }
+        log.warning("dead-lettered a message on %s: %s", subject, reason)
+        self.counter.add(1, {"service": self.service, "subject": subject})
+        broker = self.context.get("broker")
+        try:
+            await broker.publish(
+                body,
+                subjects.dead_letter(self.service),
+                headers={"Pp-Dlq-Reason": reason[:200].replace("\n", " ")},
+            )
+        except Exception:  # noqa: BLE001 - losing the DLQ copy must not stop the consumer
+            log.exception("could not publish to the dead-letter subject")
+
+
+def _validation_reason(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",)) or "message"
+        parts.append(f"{loc}: {err.get('msg')}")
+    return "; ".join(parts) or str(exc)
+
+
+def decode_original(dead_letter_body: bytes) -> bytes:
+    """The original bytes of a dead-lettered message."""
+    return base64.b64decode(json.loads(dead_letter_body)["original_b64"])
+
+
+@dataclass
+class _Pending:
+    event: Event
+    context: otel_context.Context
+    done: asyncio.Future[None] | None = None
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class EventPublisher:
+    """Publishes events to the `PAUSEPATCH` stream in order, with `Nats-Msg-Id` = `event_id`.
+
+    `emit` never waits: the event is queued with the caller's trace context and a background task
+    publishes it, retrying with the same id (so JetStream stores it once) until the server acks.
+    A NATS outage therefore never delays the caller, and events emitted during it arrive after
+    reconnect, once. `publish` does the same but waits for the ack.
+    """
+
+    def __init__(self, broker: NatsBroker, retry_s: float = 0.5, ack_timeout_s: float = 5.0) -> None:
+        self.broker = broker
+        self.retry_s = retry_s
+        self.ack_timeout_s = ack_timeout_s
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.published = 0
+
+    def start(self) -> None:
+        """Start the background sender (idempotent)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="event-publisher")
+
+    def emit(self, event: Event) -> None:
+        """Queue `event`; returns at once."""
+        self.start()
+        self._queue.put_nowait(_Pending(event, otel_context.get_current()))
+
+    async def publish(self, event: Event) -> None:
+        """Queue `event` and wait until the stream has stored it."""
+        self.start()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(event, otel_context.get_current(), done))
+        await done
+
+    @property
+    def backlog(self) -> int:
+        """Events not yet acknowledged by the stream."""
+        return self._queue.qsize()
+
+    async def drain(self, timeout: float = 5.0) -> bool:
+        """Wait until everything queued is published; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while (self._queue.qsize() or self._busy) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return not (self._queue.qsize() or self._busy)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Drain, then stop the sender."""
+        await self.drain(timeout)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    _busy = False
+
+    async def _run(self) -> None:
+        while True:
+            pending = await self._queue.get()
+            self._busy = True
+            try:
+                await self._send(pending)
+            finally:
+                self._busy = False
+
+    async def _send(self, pending: _Pending) -> None:
+        event = pending.event
+        token = otel_context.attach(pending.context)
+        try:
+            while True:
+                try:
+                    await self.broker.publish(
+                        event.to_json(),
+                        event.subject(),
+                        headers={"Nats-Msg-Id": str(event.event_id)},
+                        stream=subjects.STREAM_NAME,
+                        timeout=self.ack_timeout_s,
+                    )
+                    self.published += 1
+                    if pending.done is not None and not pending.done.done():
+                        pending.done.set_result(None)
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - any failure: retry with the same id
+                    log.warning(
+                        "publish of %s on %s failed (%s); retrying",
+                        event.type,
+                        event.subject(),
+                        exc,
+                    )
+                    await asyncio.sleep(self.retry_s)
+        finally:
+            otel_context.detach(token)

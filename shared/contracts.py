@@ -1,0 +1,409 @@
+"""The bus contract: every event and command exchanged by the services.
+
+Each message body is the JSON of one of these pydantic models. Readers ignore unknown fields and
+reject missing or malformed ones. Every event carries the envelope (`type`, `event_id`,
+`occurred_at`) and knows its own subject, so publishers never type a subject.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
+
+from shared import subjects
+
+MAX_PAUSE_BUDGET_S = 30.0
+"""The seed's bound: a paused VM is resumed within 30 s."""
+
+DEFAULT_NOTICE_S = 15 * 60.0
+"""Azure's minimum notice for Freeze and Reboot events."""
+
+_TOKEN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
+
+Name = Annotated[
+    str,
+    StringConstraints(pattern=_TOKEN_PATTERN),
+    Field(description="A host or VM name; one NATS subject token (letters, digits, '-', '_')."),
+]
+
+
+def is_valid_name(value: str) -> bool:
+    """True when `value` can be a host or VM name (a single NATS subject token)."""
+    return re.fullmatch(_TOKEN_PATTERN, value) is not None
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def _to_utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+
+
+class Message(BaseModel):
+    """Base of every message: unknown fields ignored, values immutable."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON-ready body of this message."""
+        return self.model_dump(mode="json")
+
+
+class Event(Message):
+    """The envelope every event carries."""
+
+    type: str = Field(description="The model's name; checked against the subject's event type.")
+    event_id: uuid.UUID = Field(
+        default_factory=uuid.uuid4,
+        description="Unique id; also the `Nats-Msg-Id` header for JetStream de-duplication.",
+    )
+    occurred_at: UtcDatetime = Field(default_factory=utcnow, description="When it happened (UTC).")
+
+    subject_template: ClassVar[str] = ""
+
+    def subject(self) -> str:
+        """The subject this event is published on."""
+        raise NotImplementedError
+
+
+class HostEvent(Event):
+    """An event about one host."""
+
+    host: Name = Field(description="The hypervisor host.")
+
+
+class VMEvent(HostEvent):
+    """An event about one VM of one host."""
+
+    vm: Name = Field(description="The VM (libvirt domain name).")
+    rollout_id: str | None = Field(default=None, description="The rollout, if any.")
+
+
+# ---------------------------------------------------------------- inventory
+
+
+class VMInfo(Message):
+    """One VM as its host-agent sees it, with its placement."""
+
+    vm: Name = Field(description="libvirt domain name.")
+    uuid: str = Field(description="libvirt domain UUID.")
+    availability_set: str | None = Field(default=None, description="None: a standalone VM.")
+    update_domain: int | None = Field(default=None, ge=0, description="Update domain in its set.")
+    fault_domain: int | None = Field(default=None, ge=0, description="Fault domain in its set.")
+    ip: str | None = Field(default=None, description="Address the VM calls the notifier from.")
+    state: str = Field(description="running, paused, shutoff, ... (libvirt's state, lower case).")
+
+
+class HostInventory(HostEvent):
+    """What runs on a host, published at agent start, on a heartbeat and on VM lifecycle changes."""
+
+    type: Literal["HostInventory"] = "HostInventory"
+    vms: list[VMInfo] = Field(default_factory=list, description="Every VM of the host.")
+    skipped: list[str] = Field(
+        default_factory=list,
+        description="Domains the agent cannot manage (their names are not valid subject tokens).",
+    )
+    hypervisor: str = Field(default="", description="libvirt driver type, e.g. QEMU or Test.")
+    heartbeat_s: float = Field(default=10.0, description="Seconds until the next inventory.")
+
+    def subject(self) -> str:
+        return subjects.host_inventory(self.host)
+
+
+# ---------------------------------------------------------------- maintenance
+
+
+class PatchSpec(Message):
+    """What to apply to a host: a shell command, or a fixed duration (simulated hosts)."""
+
+    command: str | None = Field(default=None, description="Shell command run on the host.")
+    duration_s: float | None = Field(
+        default=None, ge=0, le=3600, description="Simulated patch: sleep this long."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> PatchSpec:
+        if (self.command is None) == (self.duration_s is None):
+            raise ValueError("patch needs exactly one of 'command' or 'duration_s'")
+        return self
+
+    def describe(self) -> str:
+        """One short line for logs and reports."""
+        return f"command {self.command!r}" if self.command is not None else f"{self.duration_s}s"
+
+
+EventType = Literal["Freeze", "Reboot"]
+
+
+class MaintenancePlanned(HostEvent):
+    """A host's maintenance is scheduled: VMs get notice until `not_before`."""
+
+    type: Literal["MaintenancePlanned"] = "MaintenancePlanned"
+    rollout_id: str = Field(description="The rollout.")
+    update_id: str = Field(description="The update being applied.")
+    description: str = Field(default="", description="Shown to VM owners.")
+    scheduled_event_id: uuid.UUID = Field(description="EventId in the Scheduled Events API.")
+    wave: int = Field(ge=0, description="Wave index in the rollout's plan.")
+    event_type: EventType = Field(description="Freeze (memory kept) or Reboot (memory lost).")
+    not_before: UtcDatetime = Field(description="Start no earlier than this unless approved.")
+    expected_pause_s: float = Field(ge=0, description="Expected interruption.")
+    pause_budget_s: float = Field(gt=0, le=MAX_PAUSE_BUDGET_S, description="Hard limit.")
+    vms: list[Name] = Field(description="VMs impacted.")
+
+    def subject(self) -> str:
+        return subjects.host_planned(self.host)
+
+
+class MaintenanceApproved(HostEvent):
+    """A VM approved (StartRequests) a scheduled event: it may start before `not_before`."""
+
+    type: Literal["MaintenanceApproved"] = "MaintenanceApproved"
+    rollout_id: str = Field(description="The rollout.")
+    scheduled_event_id: uuid.UUID = Field(description="The approved EventId.")
+    vm: Name = Field(description="The VM that approved.")
+
+    def subject(self) -> str:
+        return subjects.host_approved(self.host)
+
+
+class MaintenanceDeferred(HostEvent):
+    """A VM asked to postpone a scheduled event (extended API, bounded by policy)."""
+
+    type: Literal["MaintenanceDeferred"] = "MaintenanceDeferred"
+    rollout_id: str = Field(description="The rollout.")
+    scheduled_event_id: uuid.UUID = Field(description="The deferred EventId.")
+    vm: Name = Field(description="The VM that deferred.")
+    defer_s: float = Field(gt=0, description="Requested postponement.")
+
+    def subject(self) -> str:
+        return subjects.host_deferred(self.host)
+
+
+class MaintenanceStarted(HostEvent):
+    """Go: the host's agent runs its pause (or reboot) window now."""
+
+    type: Literal["MaintenanceStarted"] = "MaintenanceStarted"
+    rollout_id: str = Field(description="The rollout.")
+    scheduled_event_id: uuid.UUID = Field(description="EventId in the Scheduled Events API.")
+    event_type: EventType = Field(default="Freeze", description="Freeze or Reboot path.")
+    patch: PatchSpec = Field(description="What to apply.")
+    pause_budget_s: float = Field(gt=0, le=MAX_PAUSE_BUDGET_S, description="Hard limit.")
+    vms: list[Name] = Field(default_factory=list, description="VMs the planner expects.")
+
+    def subject(self) -> str:
+        return subjects.host_started(self.host)
+
+
+class MaintenanceCancelled(HostEvent):
+    """A scheduled maintenance will not happen (rollout aborted, host gone)."""
+
+    type: Literal["MaintenanceCancelled"] = "MaintenanceCancelled"
+    rollout_id: str = Field(description="The rollout.")
+    scheduled_event_id: uuid.UUID = Field(description="EventId withdrawn.")
+    reason: str = Field(default="", description="Why.")
+
+    def subject(self) -> str:
+        return subjects.host_cancelled(self.host)
+
+
+class VMPaused(VMEvent):
+    """A VM is paused (Freeze) or shut down (Reboot) by its host's agent."""
+
+    type: Literal["VMPaused"] = "VMPaused"
+    paused_at: UtcDatetime = Field(description="Host clock when the suspend call was issued.")
+
+    def subject(self) -> str:
+        return subjects.vm_paused(self.host, self.vm)
+
+
+class HostPatched(HostEvent):
+    """The patch ran (or was killed at the budget)."""
+
+    type: Literal["HostPatched"] = "HostPatched"
+    rollout_id: str | None = Field(default=None, description="The rollout.")
+    ok: bool = Field(description="True when the patch finished successfully in time.")
+    patch_started_at: UtcDatetime = Field(description="Host clock at patch start.")
+    patch_finished_at: UtcDatetime = Field(description="Host clock at patch end or kill.")
+    patch_ms: float = Field(ge=0, description="Patch duration, monotonic clock.")
+    exit_code: int | None = Field(default=None, description="The command's exit status.")
+    error: str | None = Field(default=None, description="Why it failed.")
+
+    def subject(self) -> str:
+        return subjects.host_patched(self.host)
+
+
+class VMResumed(VMEvent):
+    """A VM runs again."""
+
+    type: Literal["VMResumed"] = "VMResumed"
+    paused_at: UtcDatetime = Field(description="Host clock when the suspend call was issued.")
+    resumed_at: UtcDatetime = Field(description="Host clock when the resume call returned.")
+    paused_ms: float = Field(ge=0, description="Blackout, monotonic clock, host side.")
+    budget_ms: float = Field(ge=0, description="The pause budget it ran under.")
+    forced: bool = Field(default=False, description="Resumed by the budget deadline.")
+    recovered: bool = Field(
+        default=False, description="Resumed from the journal after an agent restart."
+    )
+    ok: bool = Field(default=True, description="False when the VM could not be resumed.")
+    error: str | None = Field(default=None, description="What went wrong.")
+
+    def subject(self) -> str:
+        return subjects.vm_resumed(self.host, self.vm)
+
+
+class VMWindowOutcome(Message):
+    """One VM's part in a finished window."""
+
+    vm: Name = Field(description="The VM.")
+    outcome: Literal["resumed", "skipped", "failed"] = Field(description="What happened.")
+    paused_ms: float | None = Field(default=None, description="Blackout, if paused.")
+    detail: str | None = Field(default=None, description="Why skipped or failed.")
+
+
+class MaintenanceCompleted(HostEvent):
+    """The host's window is over: every VM resumed (or reported), the agent is done."""
+
+    type: Literal["MaintenanceCompleted"] = "MaintenanceCompleted"
+    rollout_id: str | None = Field(default=None, description="The rollout.")
+    scheduled_event_id: uuid.UUID | None = Field(default=None, description="EventId.")
+    event_type: EventType = Field(default="Freeze", description="Freeze or Reboot path.")
+    ok: bool = Field(description="Patch ok and every paused VM resumed without force.")
+    window_ms: float = Field(ge=0, description="First suspend issued to last resume returned.")
+    patch_ms: float = Field(ge=0, description="Patch duration.")
+    overhead_ms: float = Field(description="window_ms - patch_ms: what pausepatch added.")
+    vms: list[VMWindowOutcome] = Field(default_factory=list, description="Per VM.")
+    error: str | None = Field(default=None, description="Summary of what failed.")
+    recovered: bool = Field(default=False, description="Closed from the journal after a crash.")
+
+    def subject(self) -> str:
+        return subjects.host_completed(self.host)
+
+
+ClockMethod = Literal["host-time", "rtc", "none"]
+
+
+class ClockSynced(VMEvent):
+    """The guest clock was set after a resume; skew measured before and after."""
+
+    type: Literal["ClockSynced"] = "ClockSynced"
+    ok: bool = Field(description="The guest clock is set and verified.")
+    skew_before_ms: float | None = Field(default=None, description="guest - host before the set.")
+    skew_after_ms: float | None = Field(default=None, description="guest - host after the set.")
+    method: ClockMethod = Field(description="host-time (ns precision), rtc, or none.")
+    attempts: int = Field(ge=0, description="Tries made.")
+    error: str | None = Field(default=None, description="Why not ok.")
+
+    def subject(self) -> str:
+        return subjects.vm_clock(self.host, self.vm)
+
+
+RolloutState = Literal[
+    "planned", "running", "halted", "aborted", "completed", "failed"
+]
+
+
+class RolloutStatus(Event):
+    """Progress of a rollout, published on every change."""
+
+    type: Literal["RolloutStatus"] = "RolloutStatus"
+    rollout_id: str = Field(description="The rollout.")
+    state: RolloutState = Field(description="Where it is.")
+    waves_total: int = Field(ge=0, description="Waves in the plan.")
+    waves_done: int = Field(ge=0, description="Waves finished.")
+    hosts_ok: int = Field(ge=0, description="Hosts patched and resumed.")
+    hosts_failed: int = Field(ge=0, description="Hosts that failed.")
+    reason: str | None = Field(default=None, description="Why halted, aborted or failed.")
+
+    def subject(self) -> str:
+        return subjects.rollout_status(self.rollout_id)
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__name__: cls
+    for cls in (
+        HostInventory,
+        MaintenancePlanned,
+        MaintenanceApproved,
+        MaintenanceDeferred,
+        MaintenanceStarted,
+        MaintenanceCancelled,
+        VMPaused,
+        HostPatched,
+        VMResumed,
+        MaintenanceCompleted,
+        ClockSynced,
+        RolloutStatus,
+    )
+}
+
+
+# ---------------------------------------------------------------- commands
+
+
+class ErrorReply(Message):
+    """The structured error every command may answer."""
+
+    error: str = Field(description="A short machine-readable code, e.g. invalid-request.")
+    detail: Any = Field(default=None, description="What exactly was wrong.")
+
+
+class RolloutSubmit(Message):
+    """`pp.cmd.rollout.submit` (and `.plan`, the dry run): an update to roll out."""
+
+    update_id: str = Field(min_length=1, max_length=200, description="The update's id.")
+    description: str = Field(default="Host server is undergoing maintenance.", max_length=2000)
+    hosts: list[Name] | None = Field(default=None, description="Hosts to patch; None: all known.")
+    impact: Literal["freeze", "reboot"] = Field(default="freeze", description="Update impact.")
+    patch: PatchSpec = Field(description="What to apply on each host.")
+    expected_pause_s: float = Field(default=1.0, ge=0, description="Expected pause per host.")
+    pause_budget_s: float = Field(default=MAX_PAUSE_BUDGET_S, gt=0, le=MAX_PAUSE_BUDGET_S)
+    notice_s: float = Field(default=DEFAULT_NOTICE_S, ge=0, description="Minimum notice.")
+    max_hosts_in_flight: int = Field(default=10, ge=1, description="Hosts patched at once.")
+    failure_budget: int = Field(default=0, ge=0, description="Host failures before halting.")
+    allow_placement_violations: bool = Field(
+        default=False,
+        description="Patch hosts that carry two update domains of one set (alone, in a wave).",
+    )
+
+
+class RolloutRef(Message):
+    """`pp.cmd.rollout.get|halt|resume|abort`: which rollout."""
+
+    rollout_id: str = Field(min_length=1, description="The rollout.")
+    reason: str | None = Field(default=None, description="Why (halt/abort), for the record.")
+
+
+class ClockAction(Message):
+    """`pp.cmd.host.<host>.clock`: set a guest clock from the host clock, or read it."""
+
+    vm: Name = Field(description="The VM.")
+    action: Literal["sync", "read"] = Field(default="sync", description="sync: set then verify.")
+
+
+class ClockReading(Message):
+    """Answer to a clock action."""
+
+    vm: Name = Field(description="The VM.")
+    ok: bool = Field(description="The action worked.")
+    method: ClockMethod = Field(description="How the clock was set.")
+    skew_before_ms: float | None = Field(default=None, description="guest - host before.")
+    skew_after_ms: float | None = Field(default=None, description="guest - host after.")
+    retryable: bool = Field(default=False, description="The guest agent may answer later.")
+    error: str | None = Field(default=None, description="Why not ok.")

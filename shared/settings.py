@@ -1,0 +1,34 @@
+"""Settings every service shares: how to reach the bus. Each service subclasses `BusSettings`.
+
+All settings are environment variables with the `PP_` prefix (pydantic-settings).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BusSettings(BaseSettings):
+    """NATS connection settings (`PP_NATS_URL`, `PP_NATS_USER`, `PP_NATS_PASSWORD`, ...)."""
+
+    model_config = SettingsConfigDict(env_prefix="PP_", extra="ignore")
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    """One URL, or several separated by commas (a cluster)."""
+    nats_user: str | None = None
+    nats_password: SecretStr | None = None
+    stream_replicas: int = 1
+    """Replicas of the PAUSEPATCH stream and KV buckets (3 on a cluster)."""
+    state_dir: Path = Path(".state")
+    """Local files a service keeps (host-agent's journal)."""
+    log_format: str = "auto"
+    """auto (JSON when stderr is not a terminal), json or text."""
+    log_level: str = "INFO"
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """`nats_url` split into a list of servers."""
+        return [u.strip() for u in self.nats_url.split(",") if u.strip()]
