@@ -13,17 +13,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from faststream import FastStream
 from faststream._internal.middlewares import BaseMiddleware
 from faststream.message import StreamMessage
 from faststream.nats import JStream, NatsBroker, NatsUserPassword, StorageType
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from faststream.specification import AsyncAPI
 from nats.js.api import KeyValueConfig, StreamConfig
 from nats.js.errors import BadRequestError
 from opentelemetry import context as otel_context
 from pydantic import ValidationError
 
 from shared import subjects
-from shared.contracts import ErrorReply, Event, utcnow
+from shared.contracts import ErrorReply, Event, InvalidMessage, utcnow
 from shared.settings import BusSettings
 from shared.telemetry import Telemetry
 
@@ -83,6 +85,21 @@ async def key_value(broker: NatsBroker, bucket: str, replicas: int = 1, ttl: flo
         )
 
 
+async def wait_for_stream(broker: NatsBroker, name: str = subjects.STREAM_NAME) -> None:
+    """Wait until the stream exists (its owner, the planner, declares it), logging while waiting."""
+    js = broker.config.connection_state.stream
+    waited = 0.0
+    while True:
+        try:
+            await js.stream_info(name)
+            return
+        except Exception as exc:  # noqa: BLE001 - not found, or no JetStream yet
+            if waited % 5 < 0.25:
+                log.info("waiting for stream %s (declared by the planner): %s", name, exc)
+            await asyncio.sleep(0.25)
+            waited += 0.25
+
+
 def make_broker(service: str, settings: BusSettings, telemetry: Telemetry) -> NatsBroker:
     """The broker of a service: telemetry outermost, then dead-lettering of unreadable input."""
     security = None
@@ -107,6 +124,16 @@ def make_broker(service: str, settings: BusSettings, telemetry: Telemetry) -> Na
         description=f"pausepatch {service}",
     )
     return broker
+
+
+def make_app(broker: NatsBroker, service: str, description: str) -> FastStream:
+    """The FastStream app of a service, with its AsyncAPI description."""
+    return FastStream(
+        broker,
+        specification=AsyncAPI(
+            title=f"pausepatch {service}", version="0.1.0", description=description
+        ),
+    )
 
 
 class DeadLetter(BaseMiddleware):  # type: ignore[type-arg]
@@ -134,6 +161,8 @@ class DeadLetter(BaseMiddleware):  # type: ignore[type-arg]
             reason = _validation_reason(exc)
         except UnicodeDecodeError as exc:
             reason = f"not UTF-8 JSON: {exc}"
+        except InvalidMessage as exc:
+            reason = str(exc)
         await self._dead_letter(msg, reason)
         if msg.reply_to:
             return ErrorReply(error="invalid-request", detail=reason).to_json()

@@ -206,6 +206,10 @@ class MaintenanceStarted(HostEvent):
     patch: PatchSpec = Field(description="What to apply.")
     pause_budget_s: float = Field(gt=0, le=MAX_PAUSE_BUDGET_S, description="Hard limit.")
     vms: list[Name] = Field(default_factory=list, description="VMs the planner expects.")
+    start_by: UtcDatetime | None = Field(
+        default=None,
+        description="The agent refuses to begin after this: the planner has counted it failed.",
+    )
 
     def subject(self) -> str:
         return subjects.host_started(self.host)
@@ -354,6 +358,39 @@ EVENT_TYPES: dict[str, type[Event]] = {
 }
 
 
+class InvalidMessage(ValueError):
+    """A message that is well-formed JSON but cannot be accepted (unknown type, wrong subject)."""
+
+
+def parse_event(
+    body: Any, accepted: tuple[type[Event], ...], subject: str | None = None
+) -> Event | None:
+    """Read an event of one of the `accepted` types from a decoded JSON body.
+
+    Returns None for a known event type the caller does not want; raises `InvalidMessage` for an
+    unknown type or an event on a subject that is not its own, and pydantic's `ValidationError`
+    for a malformed body.
+    """
+    if not isinstance(body, dict):
+        raise InvalidMessage(f"expected a JSON object, got {type(body).__name__}")
+    kind = body.get("type")
+    if kind not in EVENT_TYPES:
+        raise InvalidMessage(f"unknown event type {kind!r}")
+    cls = EVENT_TYPES[kind]
+    if cls not in accepted:
+        return None
+    event = cls.model_validate(body)
+    ensure_on_subject(event, subject)
+    return event
+
+
+def ensure_on_subject(event: Event, subject: str | None) -> None:
+    """Raise `InvalidMessage` if `event` arrived on another subject than its own (an event about
+    host B published on host A's subject, a VMPaused on a `.resumed` subject)."""
+    if subject is not None and event.subject() != subject:
+        raise InvalidMessage(f"{event.type} for {event.subject()} arrived on {subject}")
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -388,6 +425,7 @@ class RolloutRef(Message):
 
     rollout_id: str = Field(min_length=1, description="The rollout.")
     reason: str | None = Field(default=None, description="Why (halt/abort), for the record.")
+    summary: bool = Field(default=False, description="get: without per-host details.")
 
 
 class ClockAction(Message):

@@ -1,0 +1,129 @@
+"""clock-sync's FastStream app: `faststream run services.clock_sync.main:app` or
+`python -m services.clock_sync`.
+
+After every resume, has the VM's host-agent set the guest clock from the host clock, checks the
+skew left, retries (JetStream redelivery with a delay, so one slow guest never holds up the
+others) and reports `ClockSynced`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from faststream import FastStream
+from faststream.middlewares import AckPolicy
+from faststream.nats import NatsMessage, PullSub
+from nats.errors import NoRespondersError
+from pydantic import ValidationError
+
+from services.clock_sync.sync import decide
+from shared import subjects
+from shared.bus import EventPublisher, events_stream, make_app, make_broker, wait_for_stream
+from shared.contracts import ClockAction, ClockReading, ClockSynced, VMResumed
+from shared.logs import log_context, setup_logging
+from shared.settings import BusSettings
+from shared.telemetry import setup_telemetry
+
+SERVICE = "clock-sync"
+
+log = logging.getLogger(__name__)
+
+
+class ClockSyncSettings(BusSettings):
+    """clock-sync settings (`PP_CLOCK_RETRY_S`, ...)."""
+
+    clock_retry_s: float = 1.0
+    """Wait between attempts while the guest agent does not answer."""
+    clock_max_attempts: int = 30
+    clock_max_skew_ms: float = 50.0
+    """A sync whose verified skew is above this is retried."""
+    clock_request_timeout_s: float = 5.0
+
+
+def build_app(settings: ClockSyncSettings) -> FastStream:
+    """clock-sync as a FastStream app."""
+    setup_logging(SERVICE, settings.log_format, settings.log_level)
+    telemetry = setup_telemetry(SERVICE)
+    broker = make_broker(SERVICE, settings, telemetry)
+    publisher = EventPublisher(broker)
+
+    @broker.subscriber(
+        subjects.vm_resumed(),
+        stream=events_stream(declare=False),
+        durable="clock-sync-resumed",
+        pull_sub=PullSub(batch_size=16, timeout=1.0),
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        title="pp.evt.vm.*.*.resumed:clock-sync",
+        description="Set the clock of every resumed VM.",
+    )
+    async def on_resumed(event: VMResumed, msg: NatsMessage) -> None:
+        attempt = msg.raw_message.metadata.num_delivered or 1
+        with log_context(rollout=event.rollout_id, host=event.host, vm=event.vm):
+            if not event.ok:
+                await publisher.publish(
+                    ClockSynced(
+                        host=event.host,
+                        vm=event.vm,
+                        rollout_id=event.rollout_id,
+                        ok=False,
+                        method="none",
+                        attempts=0,
+                        error="VM was not resumed",
+                    )
+                )
+                return
+            reading, failure = await ask_agent(event)
+            decision = decide(
+                event,
+                reading,
+                attempt,
+                settings.clock_max_attempts,
+                settings.clock_retry_s,
+                settings.clock_max_skew_ms,
+                failure,
+            )
+            if decision.event is None:
+                log.info("clock not set yet (attempt %d): retrying", attempt)
+                await msg.nack(delay=decision.retry_in_s)
+                return
+            await publisher.publish(decision.event)
+            log.info(
+                "clock %s: skew before %s ms, after %s ms",
+                "synced" if decision.event.ok else "NOT synced",
+                _ms(decision.event.skew_before_ms),
+                _ms(decision.event.skew_after_ms),
+            )
+
+    async def ask_agent(event: VMResumed) -> tuple[ClockReading | None, str | None]:
+        try:
+            reply = await broker.request(
+                ClockAction(vm=event.vm, action="sync").to_json(),
+                subjects.host_clock_command(event.host),
+                timeout=settings.clock_request_timeout_s,
+            )
+            return ClockReading.model_validate(await reply.decode()), None
+        except (TimeoutError, NoRespondersError) as exc:
+            return None, f"host-agent of {event.host} did not answer ({type(exc).__name__})"
+        except ValidationError as exc:
+            return None, f"unexpected answer from host-agent of {event.host}: {exc}"
+
+    app = make_app(broker, SERVICE, "Sets every resumed guest clock and reports the skew.")
+
+    @app.on_startup
+    async def startup() -> None:
+        await broker.connect()
+        await wait_for_stream(broker)
+
+    @app.on_shutdown
+    async def shutdown() -> None:
+        await publisher.stop()
+        telemetry.shutdown()
+
+    return app
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+app = build_app(ClockSyncSettings())

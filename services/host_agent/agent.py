@@ -1,0 +1,211 @@
+"""host-agent: the one owner of a host's libvirt connection. Reports inventory, runs maintenance
+windows when told, answers guest-clock requests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Coroutine
+from datetime import timedelta
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from services.host_agent.guest_clock import clock_action
+from services.host_agent.hypervisor import Hypervisor
+from services.host_agent.journal import HandledEvents, PauseJournal
+from services.host_agent.pause_window import PauseWindow, WindowRequest
+from shared.bus import EventPublisher
+from shared.contracts import (
+    ClockAction,
+    ClockReading,
+    MAX_PAUSE_BUDGET_S,
+    HostInventory,
+    MaintenanceCompleted,
+    MaintenanceStarted,
+    is_valid_name,
+    utcnow,
+)
+from shared.logs import log_context
+from shared.settings import BusSettings
+from shared.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+
+def default_host_name() -> str:
+    """The machine's short host name, made a valid subject token."""
+    name = socket.gethostname().split(".")[0]
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name) or "host"
+
+
+class HostAgentSettings(BusSettings):
+    """host-agent settings (`PP_HOST`, `PP_LIBVIRT_URI`, ...)."""
+
+    host: str = Field(default_factory=default_host_name)
+    libvirt_uri: str = "qemu:///system"
+    heartbeat_s: float = 10.0
+    """Inventory is re-published this often (and on every VM lifecycle change)."""
+    call_timeout_s: float = 5.0
+    """Timeout of one libvirt call inside a window."""
+    shutdown_timeout_s: float = 60.0
+    """Reboot maintenance: graceful shutdown time before a VM is forced off."""
+    start_max_age_s: float = 120.0
+    """A `MaintenanceStarted` older than this is refused (the planner gave up on it long ago)."""
+    resume_margin_s: float = 0.02
+    """Resumes begin this long before the budget so that they end within it."""
+
+    @field_validator("host")
+    @classmethod
+    def _token(cls, value: str) -> str:
+        if not is_valid_name(value):
+            raise ValueError(f"host name {value!r} is not a valid subject token")
+        return value
+
+
+class HostAgent:
+    """One host's agent."""
+
+    def __init__(
+        self,
+        settings: HostAgentSettings,
+        hypervisor: Hypervisor,
+        publisher: EventPublisher,
+        telemetry: Telemetry,
+    ) -> None:
+        self.settings = settings
+        self.host = settings.host
+        self.hv = hypervisor
+        self.publisher = publisher
+        # One thread per VM is what "all VMs pause together" needs; libvirt-python releases the
+        # GIL during calls.
+        self.executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="libvirt")
+        state = settings.state_dir / "host-agent" / self.host
+        self.handled = HandledEvents(state / "handled-events")
+        self.window = PauseWindow(
+            host=self.host,
+            hypervisor=hypervisor,
+            journal=PauseJournal(state / "pause-journal.json"),
+            emit=publisher.emit,
+            tracer=telemetry.tracer("pausepatch.host_agent"),
+            meter=telemetry.meter("pausepatch.host_agent"),
+            executor=self.executor,
+            call_timeout_s=settings.call_timeout_s,
+            resume_margin_s=settings.resume_margin_s,
+            shutdown_timeout_s=settings.shutdown_timeout_s,
+        )
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._inventory_changed = asyncio.Event()
+
+    async def recover(self) -> None:
+        """Start again anything a previous run of this agent left stopped (before the bus is up:
+        events queue until it is)."""
+        with log_context(host=self.host):
+            await self.window.recover()
+
+    async def inventory(self) -> HostInventory:
+        """The host's VMs as of now."""
+        loop = asyncio.get_running_loop()
+        vms, skipped = await loop.run_in_executor(self.executor, self.hv.list_vms)
+        return HostInventory(
+            host=self.host,
+            vms=vms,
+            skipped=skipped,
+            hypervisor=self.hv.kind,
+            heartbeat_s=self.settings.heartbeat_s,
+        )
+
+    def inventory_changed(self) -> None:
+        """A VM started, stopped, appeared or went: publish the inventory now (thread-safe)."""
+        self._inventory_changed.set()
+
+    async def heartbeat(self) -> None:
+        """Publish the inventory at start, on every change and every `heartbeat_s`."""
+        while True:
+            try:
+                self.publisher.emit(await self.inventory())
+            except Exception:  # noqa: BLE001 - a failed listing must not end the heartbeat
+                log.exception("could not list VMs")
+            self._inventory_changed.clear()
+            try:
+                await asyncio.wait_for(self._inventory_changed.wait(), self.settings.heartbeat_s)
+            except TimeoutError:
+                pass
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str = "task") -> None:
+        """Run a background task, keeping a reference until it ends."""
+        task: asyncio.Task[object] = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def on_started(self, event: MaintenanceStarted) -> None:
+        """Run the window for `event` once, in the background (the handler acks at once)."""
+        key = str(event.scheduled_event_id)
+        with log_context(rollout=event.rollout_id, host=self.host):
+            if key in self.handled:
+                log.info("maintenance %s already handled here: ignoring the redelivery", key)
+                return
+            self.handled.add(key)
+            now = utcnow()
+            age = now - event.occurred_at
+            refusal = None
+            if event.start_by is not None and now > event.start_by:
+                refusal = f"start refused: arrived after its start_by ({event.start_by.isoformat()})"
+            elif age > timedelta(seconds=self.settings.start_max_age_s):
+                refusal = (
+                    f"start refused: issued {age.total_seconds():.0f} s ago, more than "
+                    f"PP_START_MAX_AGE_S={self.settings.start_max_age_s:.0f}"
+                )
+            if refusal:
+                log.warning("%s", refusal)
+                self.publisher.emit(
+                    MaintenanceCompleted(
+                        host=self.host,
+                        rollout_id=event.rollout_id,
+                        scheduled_event_id=event.scheduled_event_id,
+                        event_type=event.event_type,
+                        ok=False,
+                        window_ms=0,
+                        patch_ms=0,
+                        overhead_ms=0,
+                        error=refusal,
+                    )
+                )
+                return
+            request = WindowRequest(
+                rollout_id=event.rollout_id,
+                scheduled_event_id=event.scheduled_event_id,
+                event_type=event.event_type,
+                patch=event.patch,
+                budget_s=event.pause_budget_s,
+            )
+            self.spawn(self._run_window(request), name=f"window-{key}")
+
+    async def _run_window(self, request: WindowRequest) -> None:
+        with log_context(rollout=request.rollout_id, host=self.host):
+            try:
+                await self.window.run(request)
+            except Exception:  # noqa: BLE001 - reported; the heartbeat shows the VMs' state
+                log.exception("maintenance window failed")
+            self.inventory_changed()
+
+    async def clock(self, command: ClockAction) -> ClockReading:
+        """Set (or read) a guest clock."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.executor, clock_action, self.hv, command.vm, command.action
+        )
+
+    async def close(self) -> None:
+        """Let an open window finish (never leave a VM paused), stop the rest, release libvirt."""
+        windows = [t for t in self._tasks if t.get_name().startswith("window")]
+        if windows:
+            log.info("waiting for the open maintenance window before stopping")
+            await asyncio.wait(windows, timeout=MAX_PAUSE_BUDGET_S + 10)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.hv.close()

@@ -1,0 +1,189 @@
+"""The `Hypervisor` port on libvirt-python: real QEMU (`qemu:///system`) or libvirt's test driver
+(`test:///abs/path/node.xml`, used for simulated hosts)."""
+
+from __future__ import annotations
+
+import math
+import time
+import xml.etree.ElementTree as ET
+from typing import Any
+
+import libvirt
+
+from services.host_agent.hypervisor import (
+    PLACEMENT_NS,
+    GuestClockUnavailable,
+    HypervisorError,
+    VMNotFound,
+)
+from shared.contracts import VMInfo, is_valid_name
+
+STATE_NAMES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
+
+# Errors meaning "the guest agent is configured but does not answer (yet)": retry later.
+_AGENT_RETRYABLE = {libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_AGENT_UNSYNCED}
+
+
+def _ignore_libvirt_errors(_ctx: Any, _err: Any) -> None:
+    """libvirt prints every error to stderr by default; we raise and log them ourselves."""
+
+
+libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
+
+
+def parse_placement(xml: str | None) -> dict[str, Any]:
+    """Placement attributes from the `<pp:placement>` element (all optional)."""
+    if not xml:
+        return {}
+    element = ET.fromstring(xml)
+
+    def as_int(name: str) -> int | None:
+        value = element.get(name)
+        return int(value) if value not in (None, "") else None
+
+    return {
+        "availability_set": element.get("availability-set") or None,
+        "update_domain": as_int("update-domain"),
+        "fault_domain": as_int("fault-domain"),
+        "ip": element.get("ip") or None,
+    }
+
+
+class LibvirtHypervisor:
+    """One libvirt connection to one host (the only one the agent holds)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        try:
+            self._conn = libvirt.open(uri)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot connect to {uri}: {exc}") from exc
+        self._kind = self._conn.getType()
+
+    @property
+    def kind(self) -> str:
+        return self._kind
+
+    @property
+    def connection(self) -> libvirt.virConnect:
+        """The libvirt connection (for lifecycle event registration)."""
+        return self._conn
+
+    def _domain(self, vm: str) -> libvirt.virDomain:
+        try:
+            return self._conn.lookupByName(vm)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise VMNotFound(f"no VM named {vm!r}") from exc
+            raise HypervisorError(str(exc)) from exc
+
+    def _call(self, vm: str, action: str, fn: Any, *args: Any) -> Any:
+        dom = self._domain(vm)
+        try:
+            return fn(dom, *args)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise VMNotFound(f"no VM named {vm!r}") from exc
+            raise HypervisorError(f"{action} {vm}: {exc.get_error_message()}") from exc
+
+    def describe(self, dom: libvirt.virDomain) -> VMInfo:
+        """One domain as a `VMInfo` (placement from its metadata)."""
+        try:
+            xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, PLACEMENT_NS)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                raise
+            xml = None
+        state = dom.state()[0]
+        return VMInfo(
+            vm=dom.name(),
+            uuid=dom.UUIDString(),
+            state=STATE_NAMES.get(state, "nostate"),
+            **parse_placement(xml),
+        )
+
+    def list_vms(self) -> tuple[list[VMInfo], list[str]]:
+        vms: list[VMInfo] = []
+        skipped: list[str] = []
+        for dom in self._conn.listAllDomains():
+            try:
+                if not is_valid_name(dom.name()):
+                    skipped.append(dom.name())
+                    continue
+                vms.append(self.describe(dom))
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise HypervisorError(str(exc)) from exc
+            except ValueError:
+                skipped.append(dom.name())
+        vms.sort(key=lambda v: v.vm)
+        return vms, sorted(skipped)
+
+    def state(self, vm: str) -> str:
+        state = self._call(vm, "state", lambda d: d.state()[0])
+        return STATE_NAMES.get(state, "nostate")
+
+    def suspend(self, vm: str) -> None:
+        self._call(vm, "suspend", lambda d: d.suspend())
+
+    def resume(self, vm: str) -> None:
+        self._call(vm, "resume", lambda d: d.resume())
+
+    def shutdown(self, vm: str, timeout_s: float) -> None:
+        def graceful(dom: libvirt.virDomain) -> None:
+            if dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF:
+                return
+            dom.shutdown()
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF:
+                    return
+                time.sleep(0.05)
+            dom.destroy()
+
+        self._call(vm, "shutdown", graceful)
+
+    def start(self, vm: str) -> None:
+        self._call(vm, "start", lambda d: d.create())
+
+    def _clock_supported(self) -> None:
+        if self._kind.upper() == "TEST":
+            # The test driver answers a fixed 1989 date and ignores setTime: no guest clock.
+            raise GuestClockUnavailable("libvirt test driver has no guest clock", retryable=False)
+
+    def _clock_call(self, vm: str, fn: Any) -> Any:
+        self._clock_supported()
+        dom = self._domain(vm)
+        try:
+            return fn(dom)
+        except libvirt.libvirtError as exc:
+            code = exc.get_error_code()
+            if code == libvirt.VIR_ERR_NO_DOMAIN:
+                raise VMNotFound(f"no VM named {vm!r}") from exc
+            raise GuestClockUnavailable(
+                exc.get_error_message() or str(exc), retryable=code in _AGENT_RETRYABLE
+            ) from exc
+
+    def guest_time(self, vm: str) -> float:
+        reading = self._clock_call(vm, lambda d: d.getTime())
+        return float(reading["seconds"]) + reading["nseconds"] / 1e9
+
+    def set_guest_time(self, vm: str, epoch_s: float) -> None:
+        nanos, seconds = math.modf(epoch_s)
+        value = {"seconds": int(seconds), "nseconds": int(nanos * 1e9)}
+        self._clock_call(vm, lambda d: d.setTime(value))
+
+    def close(self) -> None:
+        try:
+            self._conn.close()
+        except libvirt.libvirtError:
+            pass

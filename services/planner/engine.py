@@ -1,0 +1,618 @@
+"""The rollout engine: turns requests into waves, gives notice, starts hosts, tracks results,
+halts on failures. Plain Python: events go out through `publish`, state through `RolloutStore`;
+time comes from `now()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Link, Tracer
+
+from services.planner.state import HostRun, Rollout, RolloutStore, VMRecord, new_rollout_id
+from services.planner.waves import WavePlan, check_plan, plan_waves
+from shared.contracts import (
+    ClockSynced,
+    ErrorReply,
+    Event,
+    HostInventory,
+    HostPatched,
+    MaintenanceApproved,
+    MaintenanceCancelled,
+    MaintenanceCompleted,
+    MaintenanceDeferred,
+    MaintenancePlanned,
+    MaintenanceStarted,
+    RolloutStatus,
+    RolloutSubmit,
+    VMInfo,
+    VMPaused,
+    VMResumed,
+    utcnow,
+)
+from shared.logs import log_context
+from shared.telemetry import context_from_carrier, current_carrier
+
+log = logging.getLogger(__name__)
+
+REBOOT_MIN_NOTICE_S = 15 * 60.0
+
+
+class RequestError(Exception):
+    """A command that cannot be carried out; answered as `{error, detail}`."""
+
+    def __init__(self, error: str, detail: Any = None) -> None:
+        super().__init__(f"{error}: {detail}")
+        self.reply = ErrorReply(error=error, detail=detail)
+
+
+def _event_id(scheduled_event_id: uuid.UUID, what: str) -> uuid.UUID:
+    """A deterministic event id: re-publishing after a restart is de-duplicated by JetStream."""
+    return uuid.uuid5(scheduled_event_id, what)
+
+
+class RolloutEngine:
+    """All rollouts of the fleet (run by the active planner only)."""
+
+    def __init__(
+        self,
+        store: RolloutStore,
+        publish: Callable[[Event], Awaitable[None]],
+        tracer: Tracer,
+        now: Callable[[], datetime] = utcnow,
+        start_timeout_s: float = 10.0,
+        host_grace_s: float = 30.0,
+        clock_timeout_s: float = 20.0,
+        inventory_stale_s: float = 60.0,
+        reboot_min_notice_s: float = REBOOT_MIN_NOTICE_S,
+        max_defer_s: float = 600.0,
+        max_defers: int = 1,
+    ) -> None:
+        self.store = store
+        self.publish = publish
+        self.tracer = tracer
+        self.now = now
+        self.start_timeout_s = start_timeout_s
+        self.host_grace_s = host_grace_s
+        self.clock_timeout_s = clock_timeout_s
+        self.inventory_stale_s = inventory_stale_s
+        self.reboot_min_notice_s = reboot_min_notice_s
+        self.max_defer_s = max_defer_s
+        self.max_defers = max_defers
+        self.inventory: dict[str, HostInventory] = {}
+        self.rollouts: dict[str, Rollout] = {}
+        self.hosts: dict[tuple[str, str], HostRun] = {}
+
+    # ------------------------------------------------------------ state
+
+    async def load(self) -> None:
+        """Read every rollout from the store (at start, or when taking over)."""
+        rollouts, hosts = await self.store.load_all()
+        self.rollouts = {r.rollout_id: r for r in rollouts}
+        self.hosts = {(h.rollout_id, h.host): h for h in hosts}
+        active = [r.rollout_id for r in rollouts if r.active]
+        if active:
+            log.info("resuming %d active rollout(s): %s", len(active), ", ".join(active))
+
+    def host_runs(self, rollout_id: str) -> list[HostRun]:
+        """The host records of a rollout, by wave then name."""
+        runs = [h for (rid, _), h in self.hosts.items() if rid == rollout_id]
+        return sorted(runs, key=lambda h: (h.wave, h.host))
+
+    def _fleet(self) -> dict[str, list[VMInfo]]:
+        horizon = self.now() - timedelta(seconds=self.inventory_stale_s)
+        return {h: inv.vms for h, inv in self.inventory.items() if inv.occurred_at >= horizon}
+
+    # ------------------------------------------------------------ commands
+
+    def validate(self, request: RolloutSubmit) -> tuple[str, RolloutSubmit]:
+        """The event type of `request` and the request with its notice raised to the minimum.
+
+        Not every update can be memory-preserving: `impact: reboot`, or an expected pause above
+        the budget, is a Reboot maintenance, with at least the Reboot notice.
+        """
+        if request.impact == "reboot" or request.expected_pause_s > request.pause_budget_s:
+            return "Reboot", request
+        return "Freeze", request
+
+    def plan(self, request: RolloutSubmit) -> WavePlan:
+        """The waves `request` would run in, from the current inventory (the dry run)."""
+        fleet = self._fleet()
+        if not fleet:
+            raise RequestError("no-inventory", "no host-agent has reported an inventory yet")
+        busy = self._busy_hosts()
+        wanted = request.hosts if request.hosts is not None else sorted(fleet)
+        clash = sorted(set(wanted) & busy)
+        if clash:
+            raise RequestError("hosts-busy", {"hosts": clash, "reason": "in an active rollout"})
+        plan = plan_waves(
+            fleet,
+            hosts=wanted,
+            max_hosts_in_flight=request.max_hosts_in_flight,
+            allow_placement_violations=request.allow_placement_violations,
+        )
+        problems = check_plan(fleet, plan)
+        if problems:
+            raise RequestError("plan-invalid", problems)
+        return plan
+
+    def _busy_hosts(self) -> set[str]:
+        busy: set[str] = set()
+        for (rid, host), run in self.hosts.items():
+            rollout = self.rollouts.get(rid)
+            if rollout is not None and rollout.active and not run.terminal:
+                busy.add(host)
+        return busy
+
+    async def submit(self, request: RolloutSubmit) -> Rollout:
+        """Plan and start a rollout."""
+        event_type, request = self.validate(request)
+        plan = self.plan(request)
+        if not plan.waves:
+            raise RequestError("nothing-to-do", plan.to_json())
+        rollout = Rollout(
+            rollout_id=new_rollout_id(),
+            request=request,
+            event_type=event_type,  # type: ignore[arg-type]
+            state="running",
+            waves=plan.waves,
+            lower_bound=plan.lower_bound,
+            violations=plan.to_json()["violations"],
+            skipped_hosts={h: "unknown host" for h in plan.unknown_hosts},
+        )
+        notice = self._notice_s(rollout)
+        rollout.note(
+            f"submitted: update {request.update_id}, {event_type}, {len(plan.waves)} wave(s), "
+            f"lower bound {plan.lower_bound}, notice {notice:.0f} s"
+        )
+        fleet = self._fleet()
+        self.rollouts[rollout.rollout_id] = rollout
+        for wave, hosts in enumerate(plan.waves):
+            for host in hosts:
+                run = HostRun(
+                    rollout_id=rollout.rollout_id,
+                    host=host,
+                    wave=wave,
+                    event_type=rollout.event_type,
+                    vms=[v.vm for v in fleet.get(host, [])],
+                )
+                self.hosts[(rollout.rollout_id, host)] = run
+                await self.store.save_host(run)
+        await self.store.save_rollout(rollout)
+        await self._status(rollout)
+        return rollout
+
+    def _notice_s(self, rollout: Rollout) -> float:
+        notice = rollout.request.notice_s
+        if rollout.event_type == "Reboot":
+            notice = max(notice, self.reboot_min_notice_s)
+        return notice
+
+    def get(self, rollout_id: str) -> Rollout:
+        """One rollout, or a `not-found` error."""
+        rollout = self.rollouts.get(rollout_id)
+        if rollout is None:
+            raise RequestError("not-found", f"no rollout {rollout_id!r}")
+        return rollout
+
+    async def halt(self, rollout_id: str, reason: str | None) -> Rollout:
+        """No new host starts; hosts in flight finish."""
+        rollout = self.get(rollout_id)
+        if rollout.state not in ("running", "planned"):
+            raise RequestError("invalid-state", f"rollout is {rollout.state}")
+        await self._halt(rollout, f"halted by operator: {reason or 'no reason given'}")
+        return rollout
+
+    async def resume(self, rollout_id: str) -> Rollout:
+        """Continue a halted rollout (the failure budget counts again from zero)."""
+        rollout = self.get(rollout_id)
+        if rollout.state != "halted":
+            raise RequestError("invalid-state", f"rollout is {rollout.state}")
+        rollout.state, rollout.reason, rollout.failures_since_resume = "running", None, 0
+        rollout.note("resumed by operator")
+        await self.store.save_rollout(rollout)
+        await self._status(rollout)
+        return rollout
+
+    async def abort(self, rollout_id: str, reason: str | None) -> Rollout:
+        """Cancel every host not started yet (their scheduled events disappear); in-flight hosts
+        finish."""
+        rollout = self.get(rollout_id)
+        if not rollout.active:
+            raise RequestError("invalid-state", f"rollout is {rollout.state}")
+        why = f"aborted by operator: {reason or 'no reason given'}"
+        for run in self.host_runs(rollout_id):
+            if run.state in ("pending", "noticed"):
+                await self._cancel(run, why)
+        rollout.state, rollout.reason = "aborted", why
+        rollout.finished_at = self.now()
+        rollout.note(why)
+        await self.store.save_rollout(rollout)
+        await self._status(rollout)
+        return rollout
+
+    async def _cancel(self, run: HostRun, reason: str) -> None:
+        was_noticed = run.state == "noticed"
+        run.state, run.error = "cancelled", reason
+        await self.store.save_host(run)
+        if was_noticed:
+            with self._host_trace(run, "maintenance.cancel"):
+                await self.publish(
+                    MaintenanceCancelled(
+                        event_id=_event_id(run.scheduled_event_id, "cancelled"),
+                        host=run.host,
+                        rollout_id=run.rollout_id,
+                        scheduled_event_id=run.scheduled_event_id,
+                        reason=reason,
+                    )
+                )
+
+    # ------------------------------------------------------------ events
+
+    def on_inventory(self, event: HostInventory) -> None:
+        """Keep the newest inventory of each host."""
+        known = self.inventory.get(event.host)
+        if known is None or known.occurred_at <= event.occurred_at:
+            self.inventory[event.host] = event
+
+    def _run_for(self, rollout_id: str | None, host: str) -> HostRun | None:
+        if rollout_id is None:
+            return None
+        return self.hosts.get((rollout_id, host))
+
+    async def on_approved(self, event: MaintenanceApproved) -> None:
+        """A VM approved its scheduled event: the wave may start before its notice ends."""
+        run = self._run_for(event.rollout_id, event.host)
+        if run is None or run.scheduled_event_id != event.scheduled_event_id:
+            return
+        if event.vm in run.approved_by or run.state not in ("pending", "noticed"):
+            return
+        run.approved_by.append(event.vm)
+        await self.store.save_host(run)
+        rollout = self.rollouts[run.rollout_id]
+        rollout.note(f"{run.host}: approved by {event.vm}")
+        await self.store.save_rollout(rollout)
+
+    async def on_deferred(self, event: MaintenanceDeferred) -> None:
+        """A VM asked to postpone its event: honoured within the policy, logged either way."""
+        run = self._run_for(event.rollout_id, event.host)
+        if run is None or run.scheduled_event_id != event.scheduled_event_id:
+            return
+        if any(d.get("event_id") == str(event.event_id) for d in run.deferrals):
+            return
+        rollout = self.rollouts[run.rollout_id]
+        granted = 0.0
+        if run.state == "noticed" and len(run.deferrals) < self.max_defers and run.not_before:
+            granted = min(event.defer_s, self.max_defer_s)
+        run.deferrals.append(
+            {"event_id": str(event.event_id), "vm": event.vm, "asked_s": event.defer_s, "granted_s": granted}
+        )
+        rollout.note(f"{run.host}: {event.vm} asked to defer {event.defer_s:.0f} s, granted {granted:.0f} s")
+        if granted:
+            for other in self._wave_runs(rollout, run.wave):
+                if other.state == "noticed" and other.not_before is not None:
+                    other.not_before = other.not_before + timedelta(seconds=granted)
+                    other.approved_by.clear()
+                    await self._announce(rollout, other)
+        await self.store.save_host(run)
+        await self.store.save_rollout(rollout)
+
+    async def on_paused(self, event: VMPaused) -> None:
+        """Record a VM's pause."""
+        run = self._run_for(event.rollout_id, event.host)
+        if run is None:
+            return
+        record = run.vm_records.setdefault(event.vm, VMRecord())
+        if record.paused_at == event.paused_at:
+            return
+        record.paused_at = event.paused_at
+        await self.store.save_host(run)
+
+    async def on_patched(self, event: HostPatched) -> None:
+        """Record the patch result."""
+        run = self._run_for(event.rollout_id, event.host)
+        if run is None or run.patch_ok is not None:
+            return
+        run.patch_ok, run.patch_ms = event.ok, event.patch_ms
+        if not event.ok:
+            run.error = event.error
+        await self.store.save_host(run)
+
+    async def on_resumed(self, event: VMResumed) -> None:
+        """Record a VM's resume."""
+        run = self._run_for(event.rollout_id, event.host)
+        if run is None:
+            return
+        record = run.vm_records.setdefault(event.vm, VMRecord())
+        if record.resumed_at == event.resumed_at:
+            return
+        record.paused_at = event.paused_at
+        record.resumed_at = event.resumed_at
+        record.paused_ms = event.paused_ms
+        record.forced = event.forced
+        record.resumed_ok = event.ok
+        await self.store.save_host(run)
+
+    async def on_clock(self, event: ClockSynced) -> None:
+        """Record a VM's clock sync."""
+        run = self._run_for(event.rollout_id, event.host)
+        if run is None:
+            return
+        record = run.vm_records.setdefault(event.vm, VMRecord())
+        if record.clock_ok is not None:
+            return
+        record.clock_ok = event.ok
+        record.clock_method = event.method
+        record.skew_before_ms = event.skew_before_ms
+        record.skew_after_ms = event.skew_after_ms
+        record.clock_error = event.error
+        await self.store.save_host(run)
+
+    async def on_completed(self, event: MaintenanceCompleted) -> None:
+        """A host's window is over: done, or a failure counted against the budget."""
+        run = self._run_for(event.rollout_id, event.host)
+        if run is None or run.terminal or run.state == "pending":
+            return
+        rollout = self.rollouts[run.rollout_id]
+        run.completed_at = self.now()
+        run.ok = event.ok
+        run.window_ms, run.patch_ms, run.overhead_ms = event.window_ms, event.patch_ms, event.overhead_ms
+        run.recovered = event.recovered
+        run.error = event.error
+        run.state = "done" if event.ok else "failed"
+        await self.store.save_host(run)
+        if event.ok:
+            rollout.note(f"{run.host}: done (window {event.window_ms:.1f} ms, overhead {event.overhead_ms:.2f} ms)")
+        else:
+            await self._count_failure(rollout, run, event.error or "failed")
+        await self.store.save_rollout(rollout)
+        await self._status(rollout)
+
+    async def _count_failure(self, rollout: Rollout, run: HostRun, why: str) -> None:
+        rollout.failures_since_resume += 1
+        rollout.note(f"{run.host}: FAILED: {why}")
+        if rollout.state == "running" and rollout.failures_since_resume > rollout.request.failure_budget:
+            await self._halt(
+                rollout,
+                f"failure budget exceeded ({rollout.failures_since_resume} > "
+                f"{rollout.request.failure_budget}); last: {run.host}: {why}",
+            )
+
+    async def _halt(self, rollout: Rollout, reason: str) -> None:
+        rollout.state, rollout.reason = "halted", reason
+        rollout.note(reason)
+        log.warning("rollout %s halted: %s", rollout.rollout_id, reason)
+        await self.store.save_rollout(rollout)
+        await self._status(rollout)
+
+    # ------------------------------------------------------------ the clock
+
+    async def advance(self) -> None:
+        """Move every running rollout forward: notice, start, time out, next wave."""
+        for rollout in list(self.rollouts.values()):
+            if rollout.state in ("running", "halted"):
+                with log_context(rollout=rollout.rollout_id):
+                    await self._advance(rollout)
+
+    def _wave_runs(self, rollout: Rollout, wave: int) -> list[HostRun]:
+        return [self.hosts[(rollout.rollout_id, h)] for h in rollout.waves[wave]]
+
+    async def _advance(self, rollout: Rollout) -> None:
+        now = self.now()
+        runs = self._wave_runs(rollout, rollout.current_wave)
+        for run in runs:
+            if run.state == "started" and run.start_by is not None:
+                timeout = run.start_by + timedelta(
+                    seconds=rollout.request.pause_budget_s + self.host_grace_s
+                )
+                if now > timeout:
+                    run.state, run.error = "failed", "host did not report within its timeout"
+                    run.completed_at = now
+                    await self.store.save_host(run)
+                    await self._count_failure(rollout, run, run.error)
+                    await self.store.save_rollout(rollout)
+                    await self._status(rollout)
+        if rollout.state != "running":
+            return
+        if not rollout.wave_noticed:
+            await self._notice_wave(rollout, runs)
+            return
+        noticed = [r for r in runs if r.state == "noticed"]
+        if noticed and all(r.state != "pending" for r in runs):
+            due = max(r.not_before or now for r in noticed)
+            approved = all(r.approved_by for r in noticed)
+            if now >= due or approved:
+                why = "notice passed" if now >= due else "every event approved"
+                rollout.note(f"wave {rollout.current_wave}: starting {len(noticed)} host(s), {why}")
+                for run in noticed:
+                    await self._start(rollout, run)
+                await self.store.save_rollout(rollout)
+        if all(r.terminal and r.clock_settled(now, self.clock_timeout_s) for r in runs):
+            await self._next_wave(rollout)
+
+    async def _notice_wave(self, rollout: Rollout, runs: list[HostRun]) -> None:
+        fleet = self._fleet()
+        for run in runs:
+            if run.state != "pending":
+                continue
+            if run.host not in fleet:
+                run.state, run.error = "skipped", "host no longer reports an inventory"
+                rollout.skipped_hosts[run.host] = run.error
+                rollout.note(f"{run.host}: skipped: {run.error}")
+                await self.store.save_host(run)
+                continue
+            run.vms = [v.vm for v in fleet[run.host]]
+            run.noticed_at = self.now()
+            run.not_before = run.noticed_at + timedelta(seconds=self._notice_s(rollout))
+            run.state = "noticed"
+            await self._announce(rollout, run)
+        rollout.wave_noticed = True
+        rollout.note(f"wave {rollout.current_wave}: notice given to {len(runs)} host(s)")
+        await self.store.save_rollout(rollout)
+        await self._status(rollout)
+
+    def _host_trace(self, run: HostRun, name: str) -> Any:
+        """A span in the host maintenance's own trace (one trace per host maintenance)."""
+        if not run.trace_carrier:
+            # The first span of this host's maintenance is a new root, linked to the submit.
+            link = trace.get_current_span().get_span_context()
+            span = self.tracer.start_span(
+                name,
+                context=otel_context.Context(),
+                links=[Link(link)] if link.is_valid else [],
+                attributes={"pp.host": run.host, "pp.rollout_id": run.rollout_id},
+            )
+            with trace.use_span(span, end_on_exit=False):
+                run.trace_carrier = current_carrier()
+            return trace.use_span(span, end_on_exit=True)
+        return self.tracer.start_as_current_span(
+            name,
+            context=context_from_carrier(run.trace_carrier),
+            attributes={"pp.host": run.host, "pp.rollout_id": run.rollout_id},
+        )
+
+    async def _announce(self, rollout: Rollout, run: HostRun) -> None:
+        assert run.not_before is not None
+        with self._host_trace(run, f"maintenance.plan {run.host}"):
+            await self.publish(
+                MaintenancePlanned(
+                    event_id=_event_id(
+                        run.scheduled_event_id, f"planned-{run.not_before.isoformat()}"
+                    ),
+                    host=run.host,
+                    rollout_id=rollout.rollout_id,
+                    update_id=rollout.request.update_id,
+                    description=rollout.request.description,
+                    scheduled_event_id=run.scheduled_event_id,
+                    wave=run.wave,
+                    event_type=run.event_type,
+                    not_before=run.not_before,
+                    expected_pause_s=rollout.request.expected_pause_s,
+                    pause_budget_s=rollout.request.pause_budget_s,
+                    vms=run.vms,
+                )
+            )
+        await self.store.save_host(run)
+
+    async def _start(self, rollout: Rollout, run: HostRun) -> None:
+        now = self.now()
+        run.state, run.started_at = "started", now
+        run.start_by = now + timedelta(seconds=self.start_timeout_s)
+        with self._host_trace(run, f"maintenance.start {run.host}"):
+            await self.publish(
+                MaintenanceStarted(
+                    event_id=_event_id(run.scheduled_event_id, "started"),
+                    host=run.host,
+                    rollout_id=rollout.rollout_id,
+                    scheduled_event_id=run.scheduled_event_id,
+                    event_type=run.event_type,
+                    patch=rollout.request.patch,
+                    pause_budget_s=rollout.request.pause_budget_s,
+                    vms=run.vms,
+                    start_by=run.start_by,
+                )
+            )
+        await self.store.save_host(run)
+
+    async def _next_wave(self, rollout: Rollout) -> None:
+        done_wave = rollout.current_wave
+        rollout.current_wave += 1
+        rollout.wave_noticed = False
+        rollout.note(f"wave {done_wave}: finished")
+        if rollout.current_wave < len(rollout.waves):
+            await self._replan_remaining(rollout)
+        if rollout.current_wave >= len(rollout.waves):
+            rollout.state = "completed"
+            rollout.finished_at = self.now()
+            runs = self.host_runs(rollout.rollout_id)
+            failed = sum(r.state == "failed" for r in runs)
+            rollout.note(f"completed: {sum(r.state == 'done' for r in runs)} ok, {failed} failed")
+        await self.store.save_rollout(rollout)
+        await self._status(rollout)
+
+    async def _replan_remaining(self, rollout: Rollout) -> None:
+        """Inventory may have changed since the plan: plan the hosts still to do again, so that a
+        VM that moved still never shares a wave with another UD of its set."""
+        remaining = [h for wave in rollout.waves[rollout.current_wave :] for h in wave]
+        fleet = self._fleet()
+        plan = plan_waves(
+            fleet,
+            hosts=remaining,
+            max_hosts_in_flight=rollout.request.max_hosts_in_flight,
+            allow_placement_violations=rollout.request.allow_placement_violations,
+        )
+        new_waves = plan.waves
+        if new_waves == rollout.waves[rollout.current_wave :]:
+            return
+        planned = {h for wave in new_waves for h in wave}
+        for host in remaining:
+            if host not in planned:
+                run = self.hosts[(rollout.rollout_id, host)]
+                why = "host no longer reports an inventory" if host not in fleet else "placement violation"
+                run.state, run.error = "skipped", why
+                rollout.skipped_hosts[host] = why
+                await self.store.save_host(run)
+        for offset, wave in enumerate(new_waves):
+            for host in wave:
+                run = self.hosts[(rollout.rollout_id, host)]
+                run.wave = rollout.current_wave + offset
+                await self.store.save_host(run)
+        rollout.waves = rollout.waves[: rollout.current_wave] + new_waves
+        rollout.note(f"re-planned {len(remaining)} remaining host(s) into {len(new_waves)} wave(s)")
+
+    async def _status(self, rollout: Rollout) -> None:
+        runs = self.host_runs(rollout.rollout_id)
+        await self.publish(
+            RolloutStatus(
+                rollout_id=rollout.rollout_id,
+                state=rollout.state,
+                waves_total=len(rollout.waves),
+                waves_done=min(rollout.current_wave, len(rollout.waves)),
+                hosts_ok=sum(r.state == "done" for r in runs),
+                hosts_failed=sum(r.state == "failed" for r in runs),
+                reason=rollout.reason,
+            )
+        )
+
+    # ------------------------------------------------------------ views
+
+    def summary(self, rollout: Rollout) -> dict[str, Any]:
+        """A rollout as the CLI shows it (without per-VM details)."""
+        runs = self.host_runs(rollout.rollout_id)
+        return {
+            **rollout.model_dump(mode="json", exclude={"log"}),
+            "hosts_total": len(runs),
+            "hosts_ok": sum(r.state == "done" for r in runs),
+            "hosts_failed": sum(r.state == "failed" for r in runs),
+            "hosts_in_flight": sum(r.state == "started" for r in runs),
+            "vms_paused_now": sum(
+                1
+                for r in runs
+                if r.state == "started"
+                for rec in r.vm_records.values()
+                if rec.paused_at is not None and rec.resumed_at is None
+            ),
+            "log": rollout.log[-20:],
+        }
+
+    def report(self, rollout: Rollout) -> dict[str, Any]:
+        """Everything about a rollout: per host and per VM."""
+        return {
+            **self.summary(rollout),
+            "hosts": [
+                r.model_dump(mode="json", exclude={"trace_carrier"}) | {"trace_id": _trace_id(r)}
+                for r in self.host_runs(rollout.rollout_id)
+            ],
+        }
+
+
+def _trace_id(run: HostRun) -> str | None:
+    parent = run.trace_carrier.get("traceparent")
+    return parent.split("-")[1] if parent else None
+

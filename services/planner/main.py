@@ -1,0 +1,297 @@
+"""planner's FastStream app: `faststream run services.planner.main:app` or
+`python -m services.planner`.
+
+The planner owns the `PAUSEPATCH` stream and the rollout KV bucket. Only the instance holding the
+lease subscribes to anything: a standby waits in its start-up hook until the lease is free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from faststream import FastStream
+from faststream.middlewares import AckPolicy
+from faststream.nats import DeliverPolicy, PullSub
+from pydantic import Field
+
+from services.planner.engine import RequestError, RolloutEngine
+from services.planner.lease import Lease
+from services.planner.state import RolloutStore
+from shared import subjects
+from shared.bus import EventPublisher, declare_streams, events_stream, key_value, make_app, make_broker
+from shared.contracts import (
+    ClockSynced,
+    HostInventory,
+    HostPatched,
+    MaintenanceApproved,
+    MaintenanceCompleted,
+    MaintenanceDeferred,
+    RolloutRef,
+    RolloutSubmit,
+    VMPaused,
+    VMResumed,
+)
+from shared.logs import setup_logging
+from shared.settings import BusSettings
+from shared.telemetry import setup_telemetry
+
+SERVICE = "planner"
+ROLLOUTS_BUCKET = "pp_rollouts"
+LEASE_BUCKET = "pp_planner_lease"
+
+log = logging.getLogger(__name__)
+
+
+class PlannerSettings(BusSettings):
+    """planner settings (`PP_TICK_S`, `PP_LEASE_TTL_S`, ...)."""
+
+    instance_id: str = Field(default_factory=lambda: f"planner-{uuid.uuid4().hex[:8]}")
+    tick_s: float = 0.1
+    """How often rollouts are moved forward (and on every event)."""
+    lease_ttl_s: float = 6.0
+    """A standby takes over at most this long after the active planner dies."""
+    start_timeout_s: float = 10.0
+    """An agent must begin a window this soon after `MaintenanceStarted`."""
+    host_grace_s: float = 30.0
+    """Beyond the budget, how long a started host may stay silent before it counts as failed."""
+    clock_timeout_s: float = 20.0
+    """How long a wave waits for clock-sync results after its hosts completed."""
+    inventory_stale_s: float = 60.0
+    """A host whose last inventory is older than this is not planned."""
+    reboot_min_notice_s: float = 15 * 60.0
+    max_defer_s: float = 600.0
+    """Longest postponement one defer may obtain."""
+    max_defers: int = 1
+    """Defers honoured per scheduled event."""
+
+
+def build_app(settings: PlannerSettings) -> FastStream:
+    """The planner as a FastStream app."""
+    setup_logging(SERVICE, settings.log_format, settings.log_level)
+    telemetry = setup_telemetry(SERVICE)
+    broker = make_broker(SERVICE, settings, telemetry)
+    publisher = EventPublisher(broker)
+    stream = events_stream(declare=False)
+    lock = asyncio.Lock()
+    wake = asyncio.Event()
+    state: dict[str, Any] = {}
+
+    def engine() -> RolloutEngine:
+        return state["engine"]  # type: ignore[no-any-return]
+
+    async def apply(handler: Callable[[RolloutEngine], Awaitable[None]]) -> None:
+        async with lock:
+            await handler(engine())
+        wake.set()
+
+    async def command(action: Callable[[RolloutEngine], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        try:
+            async with lock:
+                result = await action(engine())
+        except RequestError as exc:
+            return exc.reply.to_json()
+        wake.set()
+        return result
+
+    def durable(name: str, subject: str, description: str) -> Any:
+        return broker.subscriber(
+            subject,
+            stream=stream,
+            durable=f"planner-{name}",
+            pull_sub=PullSub(batch_size=32, timeout=1.0),
+            ack_policy=AckPolicy.NACK_ON_ERROR,
+            title=f"{subject}:planner",
+            description=description,
+        )
+
+    # ---------------------------------------------------------------- commands
+
+    @broker.subscriber(subjects.rollout_command("submit"), title="pp.cmd.rollout.submit:planner")
+    async def submit(request: RolloutSubmit) -> dict[str, Any]:
+        """Plan and start a rollout; answers the rollout or `{error, detail}`."""
+
+        async def act(e: RolloutEngine) -> dict[str, Any]:
+            return e.summary(await e.submit(request))
+
+        return await command(act)
+
+    @broker.subscriber(subjects.rollout_command("plan"), title="pp.cmd.rollout.plan:planner")
+    async def plan(request: RolloutSubmit) -> dict[str, Any]:
+        """Dry run: the waves of `request`, nothing started."""
+
+        async def act(e: RolloutEngine) -> dict[str, Any]:
+            event_type, _ = e.validate(request)
+            return {**e.plan(request).to_json(), "event_type": event_type}
+
+        return await command(act)
+
+    @broker.subscriber(subjects.rollout_command("get"), title="pp.cmd.rollout.get:planner")
+    async def get(ref: RolloutRef) -> dict[str, Any]:
+        """A rollout with every host and VM."""
+
+        async def act(e: RolloutEngine) -> dict[str, Any]:
+            rollout = e.get(ref.rollout_id)
+            return e.summary(rollout) if ref.summary else e.report(rollout)
+
+        return await command(act)
+
+    @broker.subscriber(subjects.rollout_command("list"), title="pp.cmd.rollout.list:planner")
+    async def list_rollouts(body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Every rollout, newest first (summaries)."""
+
+        async def act(e: RolloutEngine) -> dict[str, Any]:
+            rollouts = sorted(e.rollouts.values(), key=lambda r: r.created_at, reverse=True)
+            return {"rollouts": [e.summary(r) for r in rollouts]}
+
+        return await command(act)
+
+    @broker.subscriber(subjects.rollout_command("halt"), title="pp.cmd.rollout.halt:planner")
+    async def halt(ref: RolloutRef) -> dict[str, Any]:
+        """Stop starting hosts; in-flight hosts finish."""
+
+        async def act(e: RolloutEngine) -> dict[str, Any]:
+            return e.summary(await e.halt(ref.rollout_id, ref.reason))
+
+        return await command(act)
+
+    @broker.subscriber(subjects.rollout_command("resume"), title="pp.cmd.rollout.resume:planner")
+    async def resume(ref: RolloutRef) -> dict[str, Any]:
+        """Continue a halted rollout."""
+
+        async def act(e: RolloutEngine) -> dict[str, Any]:
+            return e.summary(await e.resume(ref.rollout_id))
+
+        return await command(act)
+
+    @broker.subscriber(subjects.rollout_command("abort"), title="pp.cmd.rollout.abort:planner")
+    async def abort(ref: RolloutRef) -> dict[str, Any]:
+        """Cancel what has not started; scheduled events disappear."""
+
+        async def act(e: RolloutEngine) -> dict[str, Any]:
+            return e.summary(await e.abort(ref.rollout_id, ref.reason))
+
+        return await command(act)
+
+    @broker.subscriber(subjects.rollout_command("hosts"), title="pp.cmd.rollout.hosts:planner")
+    async def hosts(body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The fleet inventory as the planner knows it."""
+        return {
+            "hosts": [
+                inv.to_json() for _, inv in sorted(engine().inventory.items(), key=lambda kv: kv[0])
+            ]
+        }
+
+    # ---------------------------------------------------------------- events
+
+    @broker.subscriber(
+        subjects.host_inventory(),
+        stream=stream,
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        ack_policy=AckPolicy.ACK_FIRST,
+        title="pp.evt.host.*.inventory:planner",
+        description="The fleet inventory (the last one of every host, then every new one).",
+    )
+    async def on_inventory(event: HostInventory) -> None:
+        engine().on_inventory(event)
+
+    @durable("approved", subjects.host_approved(), "VM approvals (start a wave early).")
+    async def on_approved(event: MaintenanceApproved) -> None:
+        await apply(lambda e: e.on_approved(event))
+
+    @durable("deferred", subjects.host_deferred(), "VM requests to postpone.")
+    async def on_deferred(event: MaintenanceDeferred) -> None:
+        await apply(lambda e: e.on_deferred(event))
+
+    @durable("paused", subjects.vm_paused(), "VM pauses.")
+    async def on_paused(event: VMPaused) -> None:
+        await apply(lambda e: e.on_paused(event))
+
+    @durable("patched", subjects.host_patched(), "Patch results.")
+    async def on_patched(event: HostPatched) -> None:
+        await apply(lambda e: e.on_patched(event))
+
+    @durable("resumed", subjects.vm_resumed(), "VM resumes.")
+    async def on_resumed(event: VMResumed) -> None:
+        await apply(lambda e: e.on_resumed(event))
+
+    @durable("completed", subjects.host_completed(), "Host windows closed.")
+    async def on_completed(event: MaintenanceCompleted) -> None:
+        await apply(lambda e: e.on_completed(event))
+
+    @durable("clock", subjects.vm_clock(), "Clock sync results.")
+    async def on_clock(event: ClockSynced) -> None:
+        await apply(lambda e: e.on_clock(event))
+
+    # ---------------------------------------------------------------- lifecycle
+
+    app = make_app(broker, SERVICE, "Plans rollouts in waves, gives notice, starts hosts, tracks results.")
+
+    async def ticker() -> None:
+        while True:
+            try:
+                await asyncio.wait_for(wake.wait(), settings.tick_s)
+            except TimeoutError:
+                pass
+            wake.clear()
+            try:
+                async with lock:
+                    await engine().advance()
+            except Exception:  # noqa: BLE001 - one bad tick must not stop the planner
+                log.exception("advancing rollouts failed")
+                await asyncio.sleep(settings.tick_s)
+
+    async def keep_lease(lease: Lease) -> None:
+        await lease.keep()
+        log.error("stopping: another planner is active now")
+        app.exit()
+
+    @app.on_startup
+    async def startup() -> None:
+        await broker.connect()
+        await declare_streams(broker, settings.stream_replicas)
+        lease_kv = await key_value(
+            broker, LEASE_BUCKET, settings.stream_replicas, ttl=settings.lease_ttl_s
+        )
+        lease = Lease(lease_kv, settings.instance_id, settings.lease_ttl_s)
+        state["lease"] = lease
+        await lease.acquire()
+        store = RolloutStore(await key_value(broker, ROLLOUTS_BUCKET, settings.stream_replicas))
+        rollout_engine = RolloutEngine(
+            store,
+            publisher.publish,
+            telemetry.tracer("pausepatch.planner"),
+            start_timeout_s=settings.start_timeout_s,
+            host_grace_s=settings.host_grace_s,
+            clock_timeout_s=settings.clock_timeout_s,
+            inventory_stale_s=settings.inventory_stale_s,
+            reboot_min_notice_s=settings.reboot_min_notice_s,
+            max_defer_s=settings.max_defer_s,
+            max_defers=settings.max_defers,
+        )
+        await rollout_engine.load()
+        state["engine"] = rollout_engine
+
+    @app.after_startup
+    async def started() -> None:
+        state["tasks"] = [
+            asyncio.create_task(ticker(), name="ticker"),
+            asyncio.create_task(keep_lease(state["lease"]), name="lease"),
+        ]
+
+    @app.on_shutdown
+    async def shutdown() -> None:
+        for task in state.get("tasks", []):
+            task.cancel()
+        await publisher.stop()
+        if "engine" in state:
+            await state["lease"].release()
+        telemetry.shutdown()
+
+    return app
+
+
+app = build_app(PlannerSettings())

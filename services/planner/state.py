@@ -1,0 +1,174 @@
+"""Rollout state, and its home: a JetStream KV bucket written with compare-and-set.
+
+One key per rollout (`r.<id>`: the request, the plan, counters) and one per host of it
+(`h.<id>.<host>`: what happened on that host), so that no value grows with the fleet.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.contracts import RolloutState, RolloutSubmit, utcnow
+
+log = logging.getLogger(__name__)
+
+HostState = Literal["pending", "noticed", "started", "done", "failed", "skipped", "cancelled"]
+TERMINAL_HOST_STATES = {"done", "failed", "skipped", "cancelled"}
+ACTIVE_ROLLOUT_STATES = {"planned", "running", "halted"}
+
+
+class VMRecord(BaseModel):
+    """What happened to one VM during its host's window."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    paused_at: datetime | None = None
+    resumed_at: datetime | None = None
+    paused_ms: float | None = None
+    forced: bool = False
+    resumed_ok: bool | None = None
+    clock_ok: bool | None = None
+    clock_method: str | None = None
+    skew_before_ms: float | None = None
+    skew_after_ms: float | None = None
+    clock_error: str | None = None
+
+
+class HostRun(BaseModel):
+    """One host of a rollout."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    rollout_id: str
+    host: str
+    wave: int
+    scheduled_event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    state: HostState = "pending"
+    event_type: Literal["Freeze", "Reboot"] = "Freeze"
+    vms: list[str] = Field(default_factory=list)
+    noticed_at: datetime | None = None
+    not_before: datetime | None = None
+    approved_by: list[str] = Field(default_factory=list)
+    deferrals: list[dict[str, Any]] = Field(default_factory=list)
+    started_at: datetime | None = None
+    start_by: datetime | None = None
+    completed_at: datetime | None = None
+    ok: bool | None = None
+    patch_ok: bool | None = None
+    patch_ms: float | None = None
+    window_ms: float | None = None
+    overhead_ms: float | None = None
+    error: str | None = None
+    recovered: bool = False
+    vm_records: dict[str, VMRecord] = Field(default_factory=dict)
+    trace_carrier: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        """Nothing more will happen to this host in this rollout."""
+        return self.state in TERMINAL_HOST_STATES
+
+    def clock_settled(self, now: datetime, clock_timeout_s: float) -> bool:
+        """Every resumed VM has a clock result, or waiting longer is pointless."""
+        if self.completed_at is None:
+            return True
+        if (now - self.completed_at).total_seconds() >= clock_timeout_s:
+            return True
+        return all(
+            r.clock_ok is not None for r in self.vm_records.values() if r.resumed_at is not None
+        )
+
+
+class Rollout(BaseModel):
+    """A rollout: the request, its plan, where it is."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    rollout_id: str
+    request: RolloutSubmit
+    event_type: Literal["Freeze", "Reboot"]
+    created_at: datetime = Field(default_factory=utcnow)
+    state: RolloutState = "planned"
+    reason: str | None = None
+    waves: list[list[str]] = Field(default_factory=list)
+    lower_bound: int = 0
+    violations: list[dict[str, Any]] = Field(default_factory=list)
+    skipped_hosts: dict[str, str] = Field(default_factory=dict)
+    current_wave: int = 0
+    wave_noticed: bool = False
+    failures_since_resume: int = 0
+    finished_at: datetime | None = None
+    log: list[str] = Field(default_factory=list)
+
+    def note(self, message: str) -> None:
+        """Record a line in the rollout's own history (shown by `status`)."""
+        self.log.append(f"{utcnow().isoformat(timespec='seconds')} {message}")
+        del self.log[:-200]
+
+    @property
+    def active(self) -> bool:
+        """Not finished."""
+        return self.state in ACTIVE_ROLLOUT_STATES
+
+
+def new_rollout_id() -> str:
+    """A short, sortable, unique rollout id (also a valid subject token and KV key)."""
+    return f"r{utcnow().strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+
+class RolloutStore:
+    """Rollouts in a KV bucket; every write is a compare-and-set on the last revision we saw."""
+
+    def __init__(self, kv: Any) -> None:
+        self.kv = kv
+        self._revisions: dict[str, int] = {}
+
+    @staticmethod
+    def rollout_key(rollout_id: str) -> str:
+        """KV key of a rollout."""
+        return f"r.{rollout_id}"
+
+    @staticmethod
+    def host_key(rollout_id: str, host: str) -> str:
+        """KV key of one host of a rollout."""
+        return f"h.{rollout_id}.{host}"
+
+    async def _put(self, key: str, value: BaseModel) -> None:
+        data = value.model_dump_json().encode()
+        last = self._revisions.get(key)
+        if last is None:
+            self._revisions[key] = await self.kv.create(key, data)
+        else:
+            self._revisions[key] = await self.kv.update(key, data, last=last)
+
+    async def save_rollout(self, rollout: Rollout) -> None:
+        """Write a rollout's summary (CAS)."""
+        await self._put(self.rollout_key(rollout.rollout_id), rollout)
+
+    async def save_host(self, run: HostRun) -> None:
+        """Write one host's record (CAS)."""
+        await self._put(self.host_key(run.rollout_id, run.host), run)
+
+    async def load_all(self) -> tuple[list[Rollout], list[HostRun]]:
+        """Every rollout and host record in the bucket (at start or takeover)."""
+        try:
+            keys = await self.kv.keys()
+        except Exception:  # noqa: BLE001 - nats raises NoKeysError on an empty bucket
+            return [], []
+        rollouts: list[Rollout] = []
+        hosts: list[HostRun] = []
+        for key in keys:
+            entry = await self.kv.get(key)
+            if entry.value is None:
+                continue
+            self._revisions[key] = entry.revision
+            if key.startswith("r."):
+                rollouts.append(Rollout.model_validate_json(entry.value))
+            elif key.startswith("h."):
+                hosts.append(HostRun.model_validate_json(entry.value))
+        return rollouts, hosts

@@ -1,0 +1,72 @@
+"""Bringing a test fleet up: the services as processes, and waiting until they are ready."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from nats.aio.client import Client
+
+from shared import subjects
+from shared.client import CommandError, EventWatcher, PlannerClient
+from shared.devstack import LocalStack, SimVM, free_port
+
+VM_IP_BASE = "127.0.1."
+"""Simulated VMs call the notifier from loopback addresses of their own (127.0.1.x)."""
+
+
+def sim_vms(spec: list[tuple[str, str | None, int | None]], first_ip: int = 1) -> list[SimVM]:
+    """VMs from (name, availability set, update domain), each with its own loopback address."""
+    return [
+        SimVM(name, aset, ud, fault_domain=(ud or 0) % 3, ip=f"{VM_IP_BASE}{first_ip + i}")
+        for i, (name, aset, ud) in enumerate(spec)
+    ]
+
+
+def start_core(stack: LocalStack, notifier: bool = True, clock_sync: bool = True, **env: str) -> str:
+    """planner, notifier and clock-sync as processes; returns the notifier's base URL."""
+    stack.start_service("planner", "planner", **env)
+    url = ""
+    if notifier:
+        port = free_port()
+        stack.start_service("notifier", "notifier", ["--listen", f"127.0.0.1:{port}"], **env)
+        url = f"http://127.0.0.1:{port}"
+    if clock_sync:
+        stack.start_service("clock-sync", "clock_sync", **env)
+    return url
+
+
+async def wait_stream(nc: Client, timeout: float = 20.0) -> None:
+    """Wait until the planner declared the stream."""
+    js = nc.jetstream()
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            await js.stream_info(subjects.STREAM_NAME)
+            return
+        except Exception:  # noqa: BLE001 - not there yet
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError("the planner never declared the stream") from None
+            await asyncio.sleep(0.1)
+
+
+async def wait_hosts(client: PlannerClient, hosts: list[str], timeout: float = 30.0) -> list[dict[str, Any]]:
+    """Wait until the planner knows every host in `hosts`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            known = await client.hosts()
+            if set(hosts) <= {h["host"] for h in known}:
+                return known
+        except CommandError:
+            pass
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"the planner never saw hosts {hosts}")
+        await asyncio.sleep(0.1)
+
+
+async def ready(stack: LocalStack, client: PlannerClient, watcher: EventWatcher, hosts: list[str]) -> None:
+    """Stream declared, watcher running, every host known to the planner."""
+    await wait_stream(client.nc)
+    await watcher.start()
+    await wait_hosts(client, hosts)

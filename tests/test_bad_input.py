@@ -1,0 +1,103 @@
+"""Bad input never stops a service: it is dead-lettered with its reason, and work goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Any
+
+from nats.js.api import DeliverPolicy
+
+from shared.client import EventWatcher, PlannerClient
+from shared.contracts import RolloutStatus
+from shared.devstack import LocalStack
+from tests.support.fleet import ready, sim_vms, start_core
+
+GARBAGE = b"\x00\xffnot json"
+WRONG_TYPE = json.dumps({"type": "VMPaused", "host": "h1", "vm": "a", "paused_at": "yesterday"}).encode()
+
+# (subject, services that consume it)
+SUBSCRIBED = [
+    ("pp.evt.host.h1.inventory", {"planner", "notifier"}),
+    ("pp.evt.host.h1.planned", {"notifier"}),
+    ("pp.evt.host.h1.approved", {"planner"}),
+    ("pp.evt.host.h1.deferred", {"planner"}),
+    ("pp.evt.host.h1.started", {"host-agent", "notifier"}),
+    ("pp.evt.host.h1.cancelled", {"notifier"}),
+    ("pp.evt.host.h1.patched", {"planner"}),
+    ("pp.evt.host.h1.completed", {"planner", "notifier"}),
+    ("pp.evt.vm.h1.a.paused", {"planner"}),
+    ("pp.evt.vm.h1.a.resumed", {"planner", "clock-sync"}),
+    ("pp.evt.vm.h1.a.clock", {"planner"}),
+]
+COMMANDS = [
+    "pp.cmd.rollout.submit",
+    "pp.cmd.rollout.plan",
+    "pp.cmd.rollout.get",
+    "pp.cmd.rollout.halt",
+    "pp.cmd.rollout.resume",
+    "pp.cmd.rollout.abort",
+    "pp.cmd.host.h1.clock",
+]
+
+
+async def test_malformed_messages_are_dead_lettered_and_services_keep_working(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
+) -> None:
+    client, watcher = bus
+    start_core(stack)
+    stack.add_sim_host("h1", sim_vms([("a", "web", 0), ("b", "web", 0)]))
+    await ready(stack, client, watcher, ["h1"])
+    nc = client.nc
+    js = nc.jetstream()
+
+    dead: list[dict[str, Any]] = []
+
+    async def collect(msg: Any) -> None:
+        dead.append(json.loads(msg.data))
+
+    await js.subscribe(
+        "pp.dlq.>",
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.ALL,
+        cb=collect,
+    )
+    for subject, _ in SUBSCRIBED:
+        await js.publish(subject, GARBAGE)
+        await js.publish(subject, WRONG_TYPE)
+
+    # Commands answer a structured error at once, and are dead-lettered too.
+    for subject in COMMANDS:
+        reply = await nc.request(subject, GARBAGE, timeout=5)
+        body = json.loads(reply.data)
+        assert body["error"] == "invalid-request" and body["detail"], (subject, body)
+
+    expected = {
+        (service, subject) for subject, services in SUBSCRIBED for service in services
+    } | {("planner", s) for s in COMMANDS if "rollout" in s} | {("host-agent", "pp.cmd.host.h1.clock")}
+
+    async def all_dead_lettered() -> None:
+        while not expected <= {(d["service"], d["subject"]) for d in dead}:
+            await asyncio.sleep(0.1)
+
+    try:
+        await asyncio.wait_for(all_dead_lettered(), 30)
+    except TimeoutError:
+        missing = expected - {(d["service"], d["subject"]) for d in dead}
+        raise AssertionError(f"never dead-lettered: {sorted(missing)}") from None
+    garbage = [d for d in dead if base64.b64decode(d["original_b64"]) == GARBAGE]
+    assert garbage and all(d["reason"] for d in dead)
+
+    # Every service still works: a rollout goes through.
+    rollout = await client.submit({"update_id": "after-garbage", "patch": {"duration_s": 0.05}, "notice_s": 0})
+    done = await watcher.wait_for(
+        lambda w: [
+            e
+            for e in w.events(RolloutStatus, rollout_id=rollout["rollout_id"])
+            if e.state == "completed"
+        ],
+        60,
+        "the rollout after the garbage",
+    )
+    assert done[0].hosts_ok == 1 and done[0].hosts_failed == 0

@@ -1,0 +1,144 @@
+"""The four services as separate processes on one real nats-server pause, patch and resume a
+host end to end, in one trace per host maintenance."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+
+from shared.client import EventWatcher, PlannerClient
+from shared.contracts import (
+    ClockSynced,
+    HostInventory,
+    HostPatched,
+    MaintenanceCompleted,
+    MaintenancePlanned,
+    RolloutStatus,
+    VMPaused,
+    VMResumed,
+)
+from shared.devstack import LocalStack
+from tests.support.fleet import ready, sim_vms, start_core
+from tests.support.otlp import OtlpReceiver
+
+VMS = [("web-1", "web", 0), ("web-2", "web", 0), ("db-1", "db", 1), ("db-2", "db", 1)]
+PATCH_S = 0.3
+
+
+def rollout_done(rollout_id: str) -> Any:
+    def check(w: EventWatcher) -> Any:
+        return [
+            e
+            for e in w.events(RolloutStatus, rollout_id=rollout_id)
+            if e.state in ("completed", "halted", "aborted", "failed")
+        ]
+
+    return check
+
+
+async def poll_document(base_url: str, source: str, seen: list[dict[str, Any]], stop: asyncio.Event) -> None:
+    """Poll the Scheduled Events document as the VM at `source` does, recording every change."""
+    transport = httpx.AsyncHTTPTransport(local_address=source)
+    async with httpx.AsyncClient(transport=transport, base_url=base_url) as http:
+        while not stop.is_set():
+            try:
+                r = await http.get(
+                    "/metadata/scheduledevents",
+                    params={"api-version": "2020-07-01"},
+                    headers={"Metadata": "true"},
+                )
+                if r.status_code == 200:
+                    doc = r.json()
+                    if not seen or seen[-1] != doc:
+                        seen.append(doc)
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.05)
+
+
+async def test_pauses_patches_resumes_one_host_in_one_trace(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher], otlp: OtlpReceiver
+) -> None:
+    client, watcher = bus
+    notifier_url = start_core(stack)
+    vms = sim_vms(VMS)
+    stack.add_sim_host("h1", vms)
+    await ready(stack, client, watcher, ["h1"])
+
+    seen: list[dict[str, Any]] = []
+    stop = asyncio.Event()
+    poller = asyncio.create_task(poll_document(notifier_url, vms[0].ip or "", seen, stop))
+    # The notifier must know web-1's address before the event is planned.
+    await watcher.wait_for(lambda w: w.events(HostInventory, host="h1"), 10, "inventory")
+    rollout = await client.submit(
+        {
+            "update_id": "kernel-fix-1",
+            "patch": {"duration_s": PATCH_S},
+            "notice_s": 1.5,
+            "pause_budget_s": 5,
+            "expected_pause_s": 1,
+        }
+    )
+    rollout_id = rollout["rollout_id"]
+    final = await watcher.wait_for(rollout_done(rollout_id), 60, "the rollout to finish")
+    assert final[-1].state == "completed", final[-1]
+    await watcher.wait_for(lambda w: len(w.events(ClockSynced, rollout_id=rollout_id)) == 4, 20)
+    await asyncio.sleep(0.3)  # the poller's last round after the event disappeared
+    stop.set()
+    await poller
+
+    # Per VM, in stream order: planned < paused < patched < resumed < clock synced.
+    seq = {id(r.event): r.seq for r in watcher.received if r.event is not None}
+    planned = watcher.events(MaintenancePlanned, rollout_id=rollout_id)
+    patched = watcher.events(HostPatched, rollout_id=rollout_id)
+    assert len(planned) == 1 and len(patched) == 1 and patched[0].ok
+    for name, _, _ in VMS:
+        paused = watcher.events(VMPaused, vm=name, rollout_id=rollout_id)
+        resumed = watcher.events(VMResumed, vm=name, rollout_id=rollout_id)
+        clock = watcher.events(ClockSynced, vm=name, rollout_id=rollout_id)
+        assert len(paused) == len(resumed) == len(clock) == 1, name
+        order = [seq[id(e)] for e in (planned[0], paused[0], patched[0], resumed[0], clock[0])]
+        assert order == sorted(order), (name, order)
+        assert PATCH_S * 1000 <= resumed[0].paused_ms < 5000
+        assert not resumed[0].forced
+
+    # Every VM is running at the end, as the agent reports after the window.
+    def all_running(w: EventWatcher) -> bool:
+        last = w.events(HostInventory, host="h1")[-1]
+        completed = w.events(MaintenanceCompleted, rollout_id=rollout_id)
+        return bool(completed) and last.occurred_at > completed[0].occurred_at and all(
+            v.state == "running" for v in last.vms
+        )
+
+    await watcher.wait_for(all_running, 10, "an inventory with every VM running")
+
+    # The document went Scheduled -> Started -> gone, its incarnation increasing each time.
+    statuses = [[e["EventStatus"] for e in d["Events"]] for d in seen]
+    assert ["Scheduled"] in statuses and ["Started"] in statuses and statuses[-1] == []
+    assert statuses.index(["Scheduled"]) < statuses.index(["Started"]) < len(statuses) - 1
+    incarnations = [d["DocumentIncarnation"] for d in seen]
+    assert incarnations == sorted(incarnations) and len(set(incarnations)) == len(incarnations)
+    scheduled = next(d for d in seen if d["Events"] and d["Events"][0]["EventStatus"] == "Scheduled")
+    event = scheduled["Events"][0]
+    assert event["EventType"] == "Freeze" and sorted(event["Resources"]) == sorted(n for n, _, _ in VMS)
+    assert event["NotBefore"].endswith("GMT") and event["DurationInSeconds"] == 1
+
+    # One trace holds spans of all four services; each vm.pause span lasts the VM's pause.
+    resumed_by_vm = {e.vm: e for e in watcher.events(VMResumed, rollout_id=rollout_id)}
+
+    def trace_complete(spans: list[Any]) -> bool:
+        pauses = [s for s in spans if s.name.startswith("vm.pause ")]
+        if len(pauses) < 4:
+            return False
+        trace_id = pauses[0].trace_id
+        services = {s.service for s in spans if s.trace_id == trace_id}
+        return {"planner", "host-agent", "notifier", "clock-sync"} <= services
+
+    spans = otlp.wait_for(trace_complete, timeout=30)
+    pauses = [s for s in spans if s.name.startswith("vm.pause ")]
+    assert len({s.trace_id for s in pauses}) == 1
+    for span in pauses:
+        vm = span.name.removeprefix("vm.pause ")
+        assert abs(span.duration_ms - resumed_by_vm[vm].paused_ms) <= 5, (vm, span.duration_ms)
