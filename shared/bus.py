@@ -74,7 +74,9 @@ async def declare_streams(broker: NatsBroker, replicas: int = 1) -> None:
             await js.update_stream(config)
 
 
-async def key_value(broker: NatsBroker, bucket: str, replicas: int = 1, ttl: float | None = None) -> Any:
+async def key_value(
+    broker: NatsBroker, bucket: str, replicas: int = 1, ttl: float | None = None
+) -> Any:
     """A JetStream KV bucket, created when missing (`ttl` expires every key, e.g. leases)."""
     js = broker.config.connection_state.stream
     try:
@@ -187,7 +189,7 @@ class DeadLetter(BaseMiddleware):  # type: ignore[type-arg]
                 subjects.dead_letter(self.service),
                 headers={"Pp-Dlq-Reason": reason[:200].replace("\n", " ")},
             )
-        except Exception:  # noqa: BLE001 - losing the DLQ copy must not stop the consumer
+        except Exception:
             log.exception("could not publish to the dead-letter subject")
 
 
@@ -221,7 +223,9 @@ class EventPublisher:
     reconnect, once. `publish` does the same but waits for the ack.
     """
 
-    def __init__(self, broker: NatsBroker, retry_s: float = 0.5, ack_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, broker: NatsBroker, retry_s: float = 0.5, ack_timeout_s: float = 5.0
+    ) -> None:
         self.broker = broker
         self.retry_s = retry_s
         self.ack_timeout_s = ack_timeout_s

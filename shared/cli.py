@@ -17,7 +17,8 @@ from rich.table import Table
 from shared.client import CommandError, PlannerClient, connect
 from shared.contracts import DEFAULT_NOTICE_S, MAX_PAUSE_BUDGET_S
 
-console = Console()
+# Reports are wide: keep them readable when piped or logged (no terminal to measure).
+console = Console(width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True)
 
 FINAL_STATES = ("completed", "aborted", "failed")
@@ -85,13 +86,24 @@ def print_report(report: dict[str, Any]) -> None:
         + (f"  reason: {report['reason']}" if report.get("reason") else "")
     )
     hosts = Table(title="Hosts", title_justify="left")
-    for col in ("host", "wave", "result", "VMs", "pause window ms", "patch ms", "overhead ms", "trace"):
+    for col in (
+        "host",
+        "wave",
+        "result",
+        "VMs",
+        "pause window ms",
+        "patch ms",
+        "overhead ms",
+        "trace",
+    ):
         hosts.add_column(col, justify="right" if "ms" in col or col in ("wave", "VMs") else "left")
     vms = Table(title="VMs", title_justify="left")
     for col in ("host", "vm", "paused ms", "forced", "clock", "skew before ms", "skew after ms"):
         vms.add_column(col, justify="right" if "ms" in col else "left")
     for host in report["hosts"]:
-        result = host["state"] if host["state"] != "failed" else f"[red]failed[/]: {host.get('error')}"
+        result = (
+            host["state"] if host["state"] != "failed" else f"[red]failed[/]: {host.get('error')}"
+        )
         hosts.add_row(
             host["host"],
             str(host["wave"]),
@@ -103,18 +115,29 @@ def print_report(report: dict[str, Any]) -> None:
             (host.get("trace_id") or "-")[:16],
         )
         for vm, rec in sorted(host["vm_records"].items()):
-            clock = "ok" if rec.get("clock_ok") else (rec.get("clock_error") or "-")
+            clock = _clock_cell(rec)
             vms.add_row(
                 host["host"],
                 vm,
                 _fmt_ms(rec.get("paused_ms")),
                 "yes" if rec.get("forced") else "no",
-                clock if len(clock) < 40 else clock[:37] + "...",
+                clock,
                 _fmt_ms(rec.get("skew_before_ms")),
                 _fmt_ms(rec.get("skew_after_ms")),
             )
     console.print(hosts)
     console.print(vms)
+
+
+def _clock_cell(record: dict[str, Any]) -> str:
+    if record.get("clock_ok"):
+        return f"synced ({record.get('clock_method')})"
+    error = record.get("clock_error")
+    if error is None:
+        return "-"
+    if "no guest clock" in error:
+        return "n/a (no guest clock)"
+    return f"[red]failed[/]: {error[:40]}"
 
 
 def print_hosts(hosts: list[dict[str, Any]]) -> None:
@@ -157,12 +180,17 @@ def print_rollouts(rollouts: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
+def _wave(summary: dict[str, Any]) -> str:
+    total = len(summary["waves"])
+    return f"{min(summary['current_wave'] + 1, total)}/{total}"
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     """One rollout's status."""
     console.print(
         f"[bold]{summary['rollout_id']}[/] {summary['state']}"
         + (f" ({summary['reason']})" if summary.get("reason") else "")
-        + f": wave {min(summary['current_wave'] + 1, len(summary['waves']))}/{len(summary['waves'])},"
+        + f": wave {_wave(summary)},"
         f" {summary['hosts_ok']} ok, {summary['hosts_failed']} failed,"
         f" {summary['hosts_in_flight']} in flight of {summary['hosts_total']} hosts"
     )
@@ -206,14 +234,16 @@ async def run_rollout(client: PlannerClient, args: argparse.Namespace) -> int:
             console.print_json(json.dumps(await client.plan(body)))
             return 0
         summary = await client.submit(body)
-        console.print(f"rollout [bold]{summary['rollout_id']}[/] submitted: {len(summary['waves'])} wave(s)")
+        console.print(
+            f"rollout [bold]{summary['rollout_id']}[/] submitted: {len(summary['waves'])} wave(s)"
+        )
         if args.wait:
             final = await watch(client, summary["rollout_id"])
             print_report(await client.get(summary["rollout_id"]))
             return 0 if final["state"] == "completed" and final["hosts_failed"] == 0 else 1
         return 0
     if args.action == "list":
-        print_rollouts(await client.list())
+        print_rollouts(await client.rollouts())
     elif args.action == "status":
         print_summary(await client.call("get", {"rollout_id": args.rollout_id, "summary": True}))
     elif args.action == "halt":

@@ -57,7 +57,9 @@ class PlannerClient:
                 timeout=self.timeout,
             )
         except (TimeoutError, nats.errors.NoRespondersError) as exc:
-            raise CommandError("no-planner", f"no active planner answered ({type(exc).__name__})") from exc
+            raise CommandError(
+                "no-planner", f"no active planner answered ({type(exc).__name__})"
+            ) from exc
         data = json.loads(reply.data) if reply.data else {}
         if isinstance(data, dict) and "error" in data and len(data) <= 2:
             raise CommandError(data["error"], data.get("detail"))
@@ -75,7 +77,7 @@ class PlannerClient:
         """One rollout with hosts and VMs."""
         return await self.call("get", {"rollout_id": rollout_id})
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def rollouts(self) -> list[dict[str, Any]]:
         """Every rollout."""
         return (await self.call("list"))["rollouts"]  # type: ignore[no-any-return]
 

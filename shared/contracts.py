@@ -318,9 +318,7 @@ class ClockSynced(VMEvent):
         return subjects.vm_clock(self.host, self.vm)
 
 
-RolloutState = Literal[
-    "planned", "running", "halted", "aborted", "completed", "failed"
-]
+RolloutState = Literal["planned", "running", "halted", "aborted", "completed", "failed"]
 
 
 class RolloutStatus(Event):

@@ -43,7 +43,9 @@ async def run_demo() -> int:
         stack = LocalStack(workdir, extra_env={"PP_HEARTBEAT_S": "5"})
         try:
             nats = stack.start_nats()
-            console.print(f"[bold]pausepatch demo[/]  nats-server -js on {nats.url} (work dir {workdir})")
+            console.print(
+                f"[bold]pausepatch demo[/]  nats-server -js on {nats.url} (work dir {workdir})"
+            )
             stack.start_service("planner", "planner")
             port = free_port()
             stack.start_service("notifier", "notifier", ["--listen", f"127.0.0.1:{port}"])
@@ -86,5 +88,7 @@ async def run_demo() -> int:
                 await nc.close()
         finally:
             stack.stop()
-        console.print("demo finished: everything it started is stopped" + ("" if ok else " (FAILED)"))
+        console.print(
+            "demo finished: everything it started is stopped" + ("" if ok else " (FAILED)")
+        )
         return 0 if ok else 1

@@ -15,7 +15,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
@@ -76,12 +76,18 @@ class NatsServer:
         args = [
             binary,
             "-js",
-            "-a", "127.0.0.1",
-            "-p", str(self.port),
-            "-m", str(self.monitor_port),
-            "-sd", str(self.store_dir),
-            "-n", self.name,
-            "-l", str(self.log_path),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-m",
+            str(self.monitor_port),
+            "-sd",
+            str(self.store_dir),
+            "-n",
+            self.name,
+            "-l",
+            str(self.log_path),
         ]
         if self.config is not None:
             config_path = self.workdir / f"{self.name}.conf"
@@ -89,8 +95,10 @@ class NatsServer:
             args += ["-c", str(config_path)]
         if self.cluster_port is not None:
             args += [
-                "--cluster_name", self.cluster_name,
-                "--cluster", f"nats://127.0.0.1:{self.cluster_port}",
+                "--cluster_name",
+                self.cluster_name,
+                "--cluster",
+                f"nats://127.0.0.1:{self.cluster_port}",
             ]
             if self.routes:
                 args += ["--routes", ",".join(self.routes)]
@@ -253,9 +261,7 @@ class LocalStack:
 
     def env(self, **extra: str) -> dict[str, str]:
         """Environment of a service process."""
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("PP_", "OTEL_"))
-        }
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PP_", "OTEL_"))}
         env.update(
             {
                 "PP_NATS_URL": self.nats_url,
@@ -269,11 +275,11 @@ class LocalStack:
         return env
 
     def start_service(
-        self, name: str, module: str, args: list[str] | None = None, **env: str
+        self, name: str, module: str, args: Sequence[str] = (), **env: str
     ) -> ServiceProcess:
         """Start one service process named `name`."""
         proc = ServiceProcess(
-            name, module, args or [], self.env(**env), self.workdir / "logs" / f"{name}.log"
+            name, module, list(args), self.env(**env), self.workdir / "logs" / f"{name}.log"
         ).start()
         self.services[name] = proc
         return proc

@@ -13,7 +13,9 @@ from datetime import UTC, datetime
 
 from shared.telemetry import trace_id_hex
 
-_fields: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("pp_log_fields", default={})
+_fields: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "pp_log_fields", default=None
+)
 
 FIELDS = ("rollout", "host", "vm")
 
@@ -21,7 +23,7 @@ FIELDS = ("rollout", "host", "vm")
 @contextmanager
 def log_context(**fields: str | None) -> Iterator[None]:
     """Attach rollout/host/vm to every log line emitted inside the block."""
-    merged = {**_fields.get(), **{k: v for k, v in fields.items() if v is not None}}
+    merged = {**(_fields.get() or {}), **{k: v for k, v in fields.items() if v is not None}}
     token = _fields.set(merged)
     try:
         yield
@@ -31,7 +33,7 @@ def log_context(**fields: str | None) -> Iterator[None]:
 
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        fields = _fields.get()
+        fields = _fields.get() or {}
         for name in FIELDS:
             if not hasattr(record, name):
                 setattr(record, name, fields.get(name))

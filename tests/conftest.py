@@ -76,4 +76,3 @@ async def bus(stack: LocalStack) -> AsyncIterator[tuple[PlannerClient, EventWatc
     yield PlannerClient(nc), watcher
     await watcher.stop()
     await nc.close()
-

@@ -15,7 +15,9 @@ from shared.devstack import LocalStack
 from tests.support.fleet import ready, sim_vms, start_core
 
 GARBAGE = b"\x00\xffnot json"
-WRONG_TYPE = json.dumps({"type": "VMPaused", "host": "h1", "vm": "a", "paused_at": "yesterday"}).encode()
+WRONG_TYPE = json.dumps(
+    {"type": "VMPaused", "host": "h1", "vm": "a", "paused_at": "yesterday"}
+).encode()
 
 # (subject, services that consume it)
 SUBSCRIBED = [
@@ -73,9 +75,11 @@ async def test_malformed_messages_are_dead_lettered_and_services_keep_working(
         body = json.loads(reply.data)
         assert body["error"] == "invalid-request" and body["detail"], (subject, body)
 
-    expected = {
-        (service, subject) for subject, services in SUBSCRIBED for service in services
-    } | {("planner", s) for s in COMMANDS if "rollout" in s} | {("host-agent", "pp.cmd.host.h1.clock")}
+    expected = (
+        {(service, subject) for subject, services in SUBSCRIBED for service in services}
+        | {("planner", s) for s in COMMANDS if "rollout" in s}
+        | {("host-agent", "pp.cmd.host.h1.clock")}
+    )
 
     async def all_dead_lettered() -> None:
         while not expected <= {(d["service"], d["subject"]) for d in dead}:
@@ -90,7 +94,9 @@ async def test_malformed_messages_are_dead_lettered_and_services_keep_working(
     assert garbage and all(d["reason"] for d in dead)
 
     # Every service still works: a rollout goes through.
-    rollout = await client.submit({"update_id": "after-garbage", "patch": {"duration_s": 0.05}, "notice_s": 0})
+    rollout = await client.submit(
+        {"update_id": "after-garbage", "patch": {"duration_s": 0.05}, "notice_s": 0}
+    )
     done = await watcher.wait_for(
         lambda w: [
             e

@@ -38,7 +38,9 @@ def rollout_done(rollout_id: str) -> Any:
     return check
 
 
-async def poll_document(base_url: str, source: str, seen: list[dict[str, Any]], stop: asyncio.Event) -> None:
+async def poll_document(
+    base_url: str, source: str, seen: list[dict[str, Any]], stop: asyncio.Event
+) -> None:
     """Poll the Scheduled Events document as the VM at `source` does, recording every change."""
     transport = httpx.AsyncHTTPTransport(local_address=source)
     async with httpx.AsyncClient(transport=transport, base_url=base_url) as http:
@@ -108,8 +110,10 @@ async def test_pauses_patches_resumes_one_host_in_one_trace(
     def all_running(w: EventWatcher) -> bool:
         last = w.events(HostInventory, host="h1")[-1]
         completed = w.events(MaintenanceCompleted, rollout_id=rollout_id)
-        return bool(completed) and last.occurred_at > completed[0].occurred_at and all(
-            v.state == "running" for v in last.vms
+        return (
+            bool(completed)
+            and last.occurred_at > completed[0].occurred_at
+            and all(v.state == "running" for v in last.vms)
         )
 
     await watcher.wait_for(all_running, 10, "an inventory with every VM running")
@@ -120,9 +124,13 @@ async def test_pauses_patches_resumes_one_host_in_one_trace(
     assert statuses.index(["Scheduled"]) < statuses.index(["Started"]) < len(statuses) - 1
     incarnations = [d["DocumentIncarnation"] for d in seen]
     assert incarnations == sorted(incarnations) and len(set(incarnations)) == len(incarnations)
-    scheduled = next(d for d in seen if d["Events"] and d["Events"][0]["EventStatus"] == "Scheduled")
+    scheduled = next(
+        d for d in seen if d["Events"] and d["Events"][0]["EventStatus"] == "Scheduled"
+    )
     event = scheduled["Events"][0]
-    assert event["EventType"] == "Freeze" and sorted(event["Resources"]) == sorted(n for n, _, _ in VMS)
+    assert event["EventType"] == "Freeze" and sorted(event["Resources"]) == sorted(
+        n for n, _, _ in VMS
+    )
     assert event["NotBefore"].endswith("GMT") and event["DurationInSeconds"] == 1
 
     # One trace holds spans of all four services; each vm.pause span lasts the VM's pause.

@@ -30,21 +30,127 @@ candidate_version() {
     apt-cache policy "$1" | awk '$1 == "Candidate:" { print $2 }'
 }
 
-# The cache key: the package versions, plus this script (it defines /init and the tree layout).
-stamp=$(
-    for pkg in "${PACKAGES[@]}"; do echo "$pkg=$(candidate_version "$pkg")"; done
-    echo "build-guest.sh=$(sha256sum "$HERE/build-guest.sh" | cut -d' ' -f1)"
-)
-if [ -f "$OUTDIR/vmlinuz" ] && [ -f "$OUTDIR/initrd.img" ] && [ "$(cat "$OUTDIR/.stamp" 2>/dev/null)" = "$stamp" ]; then
-    echo "guest up to date: $OUTDIR ($(echo "$stamp" | head -n 3 | paste -sd ' '))"
+# The cache key: the exact package versions, plus this script (it defines /init and the tree).
+PINNED=()
+for pkg in "${PACKAGES[@]}"; do
+    PINNED+=("$pkg=$(candidate_version "$pkg")")
+done
+stamp=$(printf '%s\n' "${PINNED[@]}" "build-guest.sh=$(sha256sum <"$HERE/build-guest.sh" | cut -d' ' -f1)")
+if [ -f "$OUTDIR/vmlinuz" ] && [ -f "$OUTDIR/initrd.img" ] &&
+    [ "$(cat "$OUTDIR/.stamp" 2>/dev/null)" = "$stamp" ]; then
+    echo "guest up to date in $OUTDIR (${PINNED[*]})"
     exit 0
 fi
 
 WORK=$(mktemp -d "$OUTDIR/.work.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
-mkdir "$WORK/debs" "$WORK/pkg" "$WORK/root"
+mkdir "$WORK/debs" "$WORK/pkg"
+ROOT=$WORK/root
 
-# Pinned to the versions in the stamp. Sandbox user root: _apt cannot write into a root-owned
-# temporary directory (apt would warn and fall back anyway).
-(cd "$WORK/debs" && apt-get download -qq -o APT::Sandbox::User=root \
-    "${PACKAGES[@]/%/=}"$'\n' >/dev/null 2>&1) || true
+# The sandbox user _apt cannot write into a root-only temporary directory.
+(cd "$WORK/debs" && apt-get download -qq -o APT::Sandbox::User=root "${PINNED[@]}") ||
+    die "apt-get download ${PINNED[*]} failed"
+# From the kernel only what the guest uses: the full tree is ~400 MB of modules.
+dpkg-deb --fsys-tarfile "$WORK/debs/${KERNEL_PKG}_"*.deb |
+    tar -x -C "$WORK/pkg" --wildcards './boot/vmlinuz-*' './lib/modules/*/virtio*.ko*'
+dpkg-deb -x "$WORK"/debs/qemu-guest-agent_*.deb "$WORK/pkg"
+dpkg-deb -x "$WORK"/debs/busybox-static_*.deb "$WORK/pkg"
+
+mkdir -p "$ROOT"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,run,tmp,var,lib/modules}
+# qemu-ga keeps its state in /var/run.
+ln -s ../run "$ROOT/var/run"
+
+# busybox at its default paths: qemu-ga runs /sbin/hwclock after guest-set-time.
+cp "$WORK/pkg/bin/busybox" "$ROOT/bin/busybox"
+"$ROOT/bin/busybox" --list-full | while read -r applet; do
+    if [ "$applet" != bin/busybox ]; then
+        ln -s /bin/busybox "$ROOT/$applet"
+    fi
+done
+
+# qemu-ga with its shared libraries, resolved by ldd against the host: installing the agent's
+# Depends (small libraries, already there next to QEMU) makes the host's copies match them.
+QEMU_GA=$WORK/pkg/usr/sbin/qemu-ga
+mapfile -t ga_deps < <(dpkg-deb -f "$WORK"/debs/qemu-guest-agent_*.deb Depends |
+    tr ',' '\n' | sed -E 's/\|.*//; s/\(.*\)//; s/[[:space:]]//g')
+ensure_packages "${ga_deps[@]}"
+cp "$QEMU_GA" "$ROOT/usr/sbin/qemu-ga"
+ldd_out=$(ldd "$QEMU_GA")
+if grep -q 'not found' <<<"$ldd_out"; then
+    die "qemu-ga needs libraries missing on this host: $(grep 'not found' <<<"$ldd_out" | paste -sd ' ')"
+fi
+awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' <<<"$ldd_out" |
+    while read -r lib; do
+        mkdir -p "$ROOT$(dirname "$lib")"
+        cp -L "$lib" "$ROOT$lib"
+    done
+
+# The virtio drivers, flat in /lib/modules. Debian 12 ships plain .ko; later releases compress
+# them with xz, which busybox insmod does not read (busybox's own xz unpacks them here).
+for module in "${MODULES[@]}"; do
+    src=$(find "$WORK/pkg/lib/modules" -name "$module.ko*" -print -quit)
+    case "$src" in
+    *.ko) cp "$src" "$ROOT/lib/modules/$module.ko" ;;
+    *.ko.xz) "$ROOT/bin/busybox" xz -dc "$src" >"$ROOT/lib/modules/$module.ko" ;;
+    *) die "kernel module $module not found (or compressed in an unknown way) in $KERNEL_PKG" ;;
+    esac
+done
+
+# guest-shutdown/guest-reboot make qemu-ga run /sbin/shutdown, which busybox lacks; with it
+# libvirt's default shutdown (agent first) powers the guest off.
+cat >"$ROOT/sbin/shutdown" <<'EOF'
+#!/bin/sh
+case "$1" in
+-r) exec reboot -f ;;
+-H) exec halt -f ;;
+*) exec poweroff -f ;;
+esac
+EOF
+
+{
+    echo '#!/bin/sh'
+    echo "MODULES='${MODULES[*]}'"
+    cat <<'EOF'
+# PID 1 of the pausepatch test guest: mount the basics, load the virtio drivers, set the clock
+# from the RTC, then become qemu-ga on the guest agent channel.
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for module in $MODULES; do
+    insmod "/lib/modules/$module.ko" || echo "init: insmod $module failed" >&2
+done
+# The domain's RTC runs in UTC (<clock offset='utc'/>); do not depend on the kernel's HCTOSYS.
+hwclock -s -u
+# No udev makes /dev/virtio-ports/<name>: find the agent's port by its name in sysfs; it shows up
+# once virtio_console has probed the device.
+port=
+tries=0
+while [ -z "$port" ]; do
+    for dir in /sys/class/virtio-ports/*; do
+        if [ "$(cat "$dir/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && [ -c "/dev/${dir##*/}" ]; then
+            port=/dev/${dir##*/}
+        fi
+    done
+    tries=$((tries + 1))
+    if [ -z "$port" ] && [ "$tries" -gt 300 ]; then
+        echo "init: no virtio port named org.qemu.guest_agent.0 after 30 s; starting a shell" >&2
+        exec sh
+    fi
+    [ -n "$port" ] || sleep 0.1
+done
+exec qemu-ga -m virtio-serial -p "$port"
+EOF
+} >"$ROOT/init"
+chmod 0755 "$ROOT/init" "$ROOT/sbin/shutdown"
+
+# newc is the only cpio format the kernel unpacks; -R 0:0 so every file is root's in the guest.
+(cd "$ROOT" && find . | sort | "$ROOT/bin/busybox" cpio -o -H newc -R 0:0 2>/dev/null) |
+    gzip -9 >"$WORK/initrd.img"
+cp "$WORK"/pkg/boot/vmlinuz-* "$WORK/vmlinuz"
+chmod 0644 "$WORK/vmlinuz" "$WORK/initrd.img"
+# Outputs replaced atomically, the stamp last: an interrupted build is rebuilt next time.
+mv "$WORK/vmlinuz" "$WORK/initrd.img" "$OUTDIR/"
+echo "$stamp" >"$OUTDIR/.stamp"
+
+awk -v s="$started" -v e="$EPOCHREALTIME" -v o="$OUTDIR" -v p="${PINNED[*]}" \
+    'BEGIN { printf "guest built in %.1f s: %s/vmlinuz, %s/initrd.img (%s)\n", e - s, o, o, p }'

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -19,9 +19,9 @@ from services.host_agent.journal import HandledEvents, PauseJournal
 from services.host_agent.pause_window import PauseWindow, WindowRequest
 from shared.bus import EventPublisher
 from shared.contracts import (
+    MAX_PAUSE_BUDGET_S,
     ClockAction,
     ClockReading,
-    MAX_PAUSE_BUDGET_S,
     HostInventory,
     MaintenanceCompleted,
     MaintenanceStarted,
@@ -126,7 +126,7 @@ class HostAgent:
         while True:
             try:
                 self.publisher.emit(await self.inventory())
-            except Exception:  # noqa: BLE001 - a failed listing must not end the heartbeat
+            except Exception:
                 log.exception("could not list VMs")
             self._inventory_changed.clear()
             try:
@@ -152,7 +152,9 @@ class HostAgent:
             age = now - event.occurred_at
             refusal = None
             if event.start_by is not None and now > event.start_by:
-                refusal = f"start refused: arrived after its start_by ({event.start_by.isoformat()})"
+                refusal = (
+                    f"start refused: arrived after its start_by ({event.start_by.isoformat()})"
+                )
             elif age > timedelta(seconds=self.settings.start_max_age_s):
                 refusal = (
                     f"start refused: issued {age.total_seconds():.0f} s ago, more than "
@@ -187,7 +189,7 @@ class HostAgent:
         with log_context(rollout=request.rollout_id, host=self.host):
             try:
                 await self.window.run(request)
-            except Exception:  # noqa: BLE001 - reported; the heartbeat shows the VMs' state
+            except Exception:
                 log.exception("maintenance window failed")
             self.inventory_changed()
 

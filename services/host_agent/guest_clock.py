@@ -27,9 +27,7 @@ def clock_action(hv: Hypervisor, vm: str, action: str) -> ClockReading:
         hv.set_guest_time(vm, time.time() + rtt / 2)
         skew_after, _ = measure_skew_ms(hv, vm)
     except GuestClockUnavailable as exc:
-        return ClockReading(
-            vm=vm, ok=False, method="none", retryable=exc.retryable, error=str(exc)
-        )
+        return ClockReading(vm=vm, ok=False, method="none", retryable=exc.retryable, error=str(exc))
     except HypervisorError as exc:
         return ClockReading(vm=vm, ok=False, method="none", error=str(exc))
     return ClockReading(

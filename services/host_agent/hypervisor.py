@@ -70,7 +70,7 @@ class Hypervisor(Protocol):
         ...
 
     def set_guest_time(self, vm: str, epoch_s: float) -> None:
-        """Set the guest's clock to `epoch_s` (nanosecond precision, not the RTC's whole seconds)."""
+        """Set the guest clock to `epoch_s` (nanoseconds, not the RTC's whole seconds)."""
         ...
 
     def close(self) -> None:

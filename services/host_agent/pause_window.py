@@ -248,7 +248,11 @@ class PauseWindow:
         run.span = span = self.tracer.start_span(
             f"vm.pause {run.vm}",
             start_time=t_ns,
-            attributes={"pp.host": self.host, "pp.vm": run.vm, "pp.rollout_id": req.rollout_id or ""},
+            attributes={
+                "pp.host": self.host,
+                "pp.vm": run.vm,
+                "pp.rollout_id": req.rollout_id or "",
+            },
         )
         try:
             await self._blocking(ops.stop, self.hv, run.vm, timeout=self._stop_timeout(req))
@@ -267,7 +271,9 @@ class PauseWindow:
         run.stopped = True
         with trace.use_span(span, end_on_exit=False):
             self.emit(
-                VMPaused(host=self.host, vm=run.vm, rollout_id=req.rollout_id, paused_at=run.paused_at)
+                VMPaused(
+                    host=self.host, vm=run.vm, rollout_id=req.rollout_id, paused_at=run.paused_at
+                )
             )
 
     def _stop_timeout(self, req: WindowRequest) -> float:
@@ -310,7 +316,9 @@ class PauseWindow:
                 error = str(exc) or type(exc).__name__
                 if time.monotonic() >= give_up:
                     break
-                log.warning("start of %s failed (attempt %d): %s; retrying", run.vm, attempts, error)
+                log.warning(
+                    "start of %s failed (attempt %d): %s; retrying", run.vm, attempts, error
+                )
                 await asyncio.sleep(min(0.5, 0.05 * attempts))
         end_ns = time.time_ns()
         paused_ms = (time.monotonic() - run.t_pause) * 1000

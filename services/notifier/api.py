@@ -90,8 +90,11 @@ def build_api(
         try:
             body = StartRequests.model_validate_json(await request.body())
         except ValidationError as exc:
-            return _error(400, "Bad request. Body must be {\"StartRequests\": [{\"EventId\": ...}]}",
-                          detail=str(exc.errors()[:3]))
+            return _error(
+                400,
+                'Bad request. Body must be {"StartRequests": [{"EventId": ...}]}',
+                detail=str(exc.errors()[:3]),
+            )
         caller = document.caller(caller_address(request))
         events = []
         for item in body.StartRequests:

@@ -35,7 +35,11 @@ API_VERSIONS = (
 )
 """Every documented Scheduled Events version; each returns the fields of its version."""
 
-_FIELDS_SINCE = {"Description": "2019-04-01", "EventSource": "2019-08-01", "DurationInSeconds": "2020-07-01"}
+_FIELDS_SINCE = {
+    "Description": "2019-04-01",
+    "EventSource": "2019-08-01",
+    "DurationInSeconds": "2020-07-01",
+}
 
 Status = Literal["Scheduled", "Started", "Completed", "Canceled"]
 Scope = tuple[str, str]

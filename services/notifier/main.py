@@ -19,7 +19,6 @@ from faststream.nats import DeliverPolicy, NatsMessage
 
 from services.notifier.api import build_api
 from services.notifier.document import ScheduledEvent, ScheduledEventsDocument
-from shared import subjects
 from shared.bus import EventPublisher, events_stream, make_app, make_broker, wait_for_stream
 from shared.contracts import (
     HostInventory,
@@ -107,11 +106,15 @@ def build_app(settings: NotifierSettings) -> FastStream:
     api = build_api(document, approve)
     host, _, port = settings.listen.rpartition(":")
     server = _Server(
-        uvicorn.Config(api, host=host or "0.0.0.0", port=int(port), log_level="warning", access_log=False)
+        uvicorn.Config(
+            api, host=host or "0.0.0.0", port=int(port), log_level="warning", access_log=False
+        )
     )
     tasks: list[asyncio.Task[None]] = []
 
-    app = make_app(broker, SERVICE, "Scheduled Events API for the VMs; turns approvals into bus events.")
+    app = make_app(
+        broker, SERVICE, "Scheduled Events API for the VMs; turns approvals into bus events."
+    )
 
     @app.on_startup
     async def startup() -> None:
@@ -121,7 +124,9 @@ def build_app(settings: NotifierSettings) -> FastStream:
     @app.after_startup
     async def serve() -> None:
         tasks.append(asyncio.create_task(server.serve(), name="http"))
-        log.info("Scheduled Events API on http://%s%s", settings.listen, "/metadata/scheduledevents")
+        log.info(
+            "Scheduled Events API on http://%s%s", settings.listen, "/metadata/scheduledevents"
+        )
 
     @app.on_shutdown
     async def shutdown() -> None:

@@ -291,9 +291,16 @@ class RolloutEngine:
         if run.state == "noticed" and len(run.deferrals) < self.max_defers and run.not_before:
             granted = min(event.defer_s, self.max_defer_s)
         run.deferrals.append(
-            {"event_id": str(event.event_id), "vm": event.vm, "asked_s": event.defer_s, "granted_s": granted}
+            {
+                "event_id": str(event.event_id),
+                "vm": event.vm,
+                "asked_s": event.defer_s,
+                "granted_s": granted,
+            }
         )
-        rollout.note(f"{run.host}: {event.vm} asked to defer {event.defer_s:.0f} s, granted {granted:.0f} s")
+        rollout.note(
+            f"{run.host}: {event.vm} asked to defer {event.defer_s:.0f} s, granted {granted:.0f} s"
+        )
         if granted:
             for other in self._wave_runs(rollout, run.wave):
                 if other.state == "noticed" and other.not_before is not None:
@@ -362,13 +369,20 @@ class RolloutEngine:
         rollout = self.rollouts[run.rollout_id]
         run.completed_at = self.now()
         run.ok = event.ok
-        run.window_ms, run.patch_ms, run.overhead_ms = event.window_ms, event.patch_ms, event.overhead_ms
+        run.window_ms, run.patch_ms, run.overhead_ms = (
+            event.window_ms,
+            event.patch_ms,
+            event.overhead_ms,
+        )
         run.recovered = event.recovered
         run.error = event.error
         run.state = "done" if event.ok else "failed"
         await self.store.save_host(run)
         if event.ok:
-            rollout.note(f"{run.host}: done (window {event.window_ms:.1f} ms, overhead {event.overhead_ms:.2f} ms)")
+            rollout.note(
+                f"{run.host}: done (window {event.window_ms:.1f} ms, "
+                f"overhead {event.overhead_ms:.2f} ms)"
+            )
         else:
             await self._count_failure(rollout, run, event.error or "failed")
         await self.store.save_rollout(rollout)
@@ -377,7 +391,10 @@ class RolloutEngine:
     async def _count_failure(self, rollout: Rollout, run: HostRun, why: str) -> None:
         rollout.failures_since_resume += 1
         rollout.note(f"{run.host}: FAILED: {why}")
-        if rollout.state == "running" and rollout.failures_since_resume > rollout.request.failure_budget:
+        if (
+            rollout.state == "running"
+            and rollout.failures_since_resume > rollout.request.failure_budget
+        ):
             await self._halt(
                 rollout,
                 f"failure budget exceeded ({rollout.failures_since_resume} > "
@@ -554,7 +571,11 @@ class RolloutEngine:
         for host in remaining:
             if host not in planned:
                 run = self.hosts[(rollout.rollout_id, host)]
-                why = "host no longer reports an inventory" if host not in fleet else "placement violation"
+                why = (
+                    "host no longer reports an inventory"
+                    if host not in fleet
+                    else "placement violation"
+                )
                 run.state, run.error = "skipped", why
                 rollout.skipped_hosts[host] = why
                 await self.store.save_host(run)
@@ -615,4 +636,3 @@ class RolloutEngine:
 def _trace_id(run: HostRun) -> str | None:
     parent = run.trace_carrier.get("traceparent")
     return parent.split("-")[1] if parent else None
-

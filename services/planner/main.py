@@ -22,7 +22,14 @@ from services.planner.engine import RequestError, RolloutEngine
 from services.planner.lease import Lease
 from services.planner.state import RolloutStore
 from shared import subjects
-from shared.bus import EventPublisher, declare_streams, events_stream, key_value, make_app, make_broker
+from shared.bus import (
+    EventPublisher,
+    declare_streams,
+    events_stream,
+    key_value,
+    make_app,
+    make_broker,
+)
 from shared.contracts import (
     ClockSynced,
     HostInventory,
@@ -88,7 +95,9 @@ def build_app(settings: PlannerSettings) -> FastStream:
             await handler(engine())
         wake.set()
 
-    async def command(action: Callable[[RolloutEngine], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    async def command(
+        action: Callable[[RolloutEngine], Awaitable[dict[str, Any]]],
+    ) -> dict[str, Any]:
         try:
             async with lock:
                 result = await action(engine())
@@ -228,7 +237,9 @@ def build_app(settings: PlannerSettings) -> FastStream:
 
     # ---------------------------------------------------------------- lifecycle
 
-    app = make_app(broker, SERVICE, "Plans rollouts in waves, gives notice, starts hosts, tracks results.")
+    app = make_app(
+        broker, SERVICE, "Plans rollouts in waves, gives notice, starts hosts, tracks results."
+    )
 
     async def ticker() -> None:
         while True:
@@ -240,7 +251,7 @@ def build_app(settings: PlannerSettings) -> FastStream:
             try:
                 async with lock:
                     await engine().advance()
-            except Exception:  # noqa: BLE001 - one bad tick must not stop the planner
+            except Exception:
                 log.exception("advancing rollouts failed")
                 await asyncio.sleep(settings.tick_s)
 

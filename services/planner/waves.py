@@ -136,9 +136,9 @@ def plan_waves(
         order = _Condensation.build(fleet)
         bound = _lower_bound(fleet, max_hosts_in_flight)
         wave_of: list[int] = []
-        for rank in (_update_domain_rank, _breadth_first_rank):
+        for rank in (_breadth_first_rank, _update_domain_rank):
             attempt = _assign(fleet, order, max_hosts_in_flight, rank(fleet))
-            if not wave_of or max(attempt) < max(wave_of):
+            if not wave_of or max(attempt) <= max(wave_of):
                 wave_of = attempt
             if max(wave_of, default=-1) < bound:
                 break
@@ -394,16 +394,22 @@ class _Fleet:
 
 
 def _precedence_graph(fleet: _Fleet) -> list[list[int]]:
-    """Successor lists of the must-precede relation. Nodes are the hosts, then one barrier node
-    per pair of consecutive layers of a set (layer j's hosts -> barrier -> layer j+1's hosts):
-    linear in the number of (host, layer) pairs, and its paths give the transitive relation."""
+    """Successor lists of the must-precede relation; its paths give the transitive relation.
+    Nodes are the hosts, then barrier nodes: between consecutive layers of a set, hosts of the
+    lower layer point to the hosts of the next one, through a barrier node when that saves edges
+    (so the graph stays linear in the number of (host, layer) pairs)."""
     adj: list[list[int]] = [[] for _ in fleet.names]
     for layers in fleet.set_layers:
         for earlier, later in itertools.pairwise(layers):
-            barrier = len(adj)
-            adj.append(fleet.layer_hosts[later])
-            for host in fleet.layer_hosts[earlier]:
-                adj[host].append(barrier)
+            before, after = fleet.layer_hosts[earlier], fleet.layer_hosts[later]
+            if len(before) * len(after) <= len(before) + len(after):
+                for host in before:
+                    adj[host] += after
+            else:
+                barrier = len(adj)
+                adj.append(after)
+                for host in before:
+                    adj[host].append(barrier)
     return adj
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from nats.aio.client import Client
@@ -15,7 +16,7 @@ VM_IP_BASE = "127.0.1."
 """Simulated VMs call the notifier from loopback addresses of their own (127.0.1.x)."""
 
 
-def sim_vms(spec: list[tuple[str, str | None, int | None]], first_ip: int = 1) -> list[SimVM]:
+def sim_vms(spec: Sequence[tuple[str, str | None, int | None]], first_ip: int = 1) -> list[SimVM]:
     """VMs from (name, availability set, update domain), each with its own loopback address."""
     return [
         SimVM(name, aset, ud, fault_domain=(ud or 0) % 3, ip=f"{VM_IP_BASE}{first_ip + i}")
@@ -23,16 +24,18 @@ def sim_vms(spec: list[tuple[str, str | None, int | None]], first_ip: int = 1) -
     ]
 
 
-def start_core(stack: LocalStack, notifier: bool = True, clock_sync: bool = True, **env: str) -> str:
+def start_core(
+    stack: LocalStack, notifier: bool = True, clock_sync: bool = True, **env: str
+) -> str:
     """planner, notifier and clock-sync as processes; returns the notifier's base URL."""
-    stack.start_service("planner", "planner", **env)
+    stack.start_service("planner", "planner", (), **env)
     url = ""
     if notifier:
         port = free_port()
         stack.start_service("notifier", "notifier", ["--listen", f"127.0.0.1:{port}"], **env)
         url = f"http://127.0.0.1:{port}"
     if clock_sync:
-        stack.start_service("clock-sync", "clock_sync", **env)
+        stack.start_service("clock-sync", "clock_sync", (), **env)
     return url
 
 
@@ -50,7 +53,9 @@ async def wait_stream(nc: Client, timeout: float = 20.0) -> None:
             await asyncio.sleep(0.1)
 
 
-async def wait_hosts(client: PlannerClient, hosts: list[str], timeout: float = 30.0) -> list[dict[str, Any]]:
+async def wait_hosts(
+    client: PlannerClient, hosts: list[str], timeout: float = 30.0
+) -> list[dict[str, Any]]:
     """Wait until the planner knows every host in `hosts`."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
@@ -65,7 +70,9 @@ async def wait_hosts(client: PlannerClient, hosts: list[str], timeout: float = 3
         await asyncio.sleep(0.1)
 
 
-async def ready(stack: LocalStack, client: PlannerClient, watcher: EventWatcher, hosts: list[str]) -> None:
+async def ready(
+    stack: LocalStack, client: PlannerClient, watcher: EventWatcher, hosts: list[str]
+) -> None:
     """Stream declared, watcher running, every host known to the planner."""
     await wait_stream(client.nc)
     await watcher.start()
