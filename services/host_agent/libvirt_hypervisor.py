@@ -68,6 +68,9 @@ class LibvirtHypervisor:
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot connect to {uri}: {exc}") from exc
         self._kind = self._conn.getType()
+        # Domain handles stay valid across state changes; caching them saves a lookup round trip
+        # on every call of the window. A stale handle (domain redefined) is dropped and looked up.
+        self._domains: dict[str, libvirt.virDomain] = {}
 
     @property
     def kind(self) -> str:
@@ -78,22 +81,30 @@ class LibvirtHypervisor:
         """The libvirt connection (for lifecycle event registration)."""
         return self._conn
 
-    def _domain(self, vm: str) -> libvirt.virDomain:
+    def _domain(self, vm: str, fresh: bool = False) -> libvirt.virDomain:
+        if not fresh and vm in self._domains:
+            return self._domains[vm]
         try:
-            return self._conn.lookupByName(vm)
+            dom = self._conn.lookupByName(vm)
         except libvirt.libvirtError as exc:
+            self._domains.pop(vm, None)
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 raise VMNotFound(f"no VM named {vm!r}") from exc
             raise HypervisorError(str(exc)) from exc
+        self._domains[vm] = dom
+        return dom
 
     def _call(self, vm: str, action: str, fn: Any, *args: Any) -> Any:
-        dom = self._domain(vm)
-        try:
-            return fn(dom, *args)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                raise VMNotFound(f"no VM named {vm!r}") from exc
-            raise HypervisorError(f"{action} {vm}: {exc.get_error_message()}") from exc
+        for fresh in (False, True):
+            dom = self._domain(vm, fresh)
+            try:
+                return fn(dom, *args)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise HypervisorError(f"{action} {vm}: {exc.get_error_message()}") from exc
+                if fresh:
+                    raise VMNotFound(f"no VM named {vm!r}") from exc
+        raise AssertionError("unreachable")
 
     def describe(self, dom: libvirt.virDomain) -> VMInfo:
         """One domain as a `VMInfo` (placement from its metadata)."""
@@ -114,7 +125,9 @@ class LibvirtHypervisor:
     def list_vms(self) -> tuple[list[VMInfo], list[str]]:
         vms: list[VMInfo] = []
         skipped: list[str] = []
-        for dom in self._conn.listAllDomains():
+        domains = self._conn.listAllDomains()
+        self._domains = {dom.name(): dom for dom in domains}
+        for dom in domains:
             try:
                 if not is_valid_name(dom.name()):
                     skipped.append(dom.name())
@@ -162,16 +175,17 @@ class LibvirtHypervisor:
 
     def _clock_call(self, vm: str, fn: Any) -> Any:
         self._clock_supported()
-        dom = self._domain(vm)
         try:
-            return fn(dom)
-        except libvirt.libvirtError as exc:
-            code = exc.get_error_code()
-            if code == libvirt.VIR_ERR_NO_DOMAIN:
-                raise VMNotFound(f"no VM named {vm!r}") from exc
-            raise GuestClockUnavailable(
-                exc.get_error_message() or str(exc), retryable=code in _AGENT_RETRYABLE
-            ) from exc
+            return self._call(vm, "clock", fn)
+        except HypervisorError as exc:
+            if isinstance(exc, VMNotFound):
+                raise
+            code = (
+                exc.__cause__.get_error_code()
+                if isinstance(exc.__cause__, libvirt.libvirtError)
+                else None
+            )
+            raise GuestClockUnavailable(str(exc), retryable=code in _AGENT_RETRYABLE) from exc
 
     def guest_time(self, vm: str) -> float:
         reading = self._clock_call(vm, lambda d: d.getTime())

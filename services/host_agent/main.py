@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from faststream import FastStream
 from faststream.middlewares import AckPolicy
 from faststream.nats import PullSub
@@ -20,6 +22,9 @@ SERVICE = "host-agent"
 
 def build_app(settings: HostAgentSettings) -> FastStream:
     """The agent of `settings.host` as a FastStream app."""
+    # The window's thread must get the GIL back within a millisecond when the patch ends, even
+    # while the event loop thread is busy publishing (the default switch interval is 5 ms).
+    sys.setswitchinterval(0.0005)
     setup_logging(SERVICE, settings.log_format, settings.log_level)
     telemetry = setup_telemetry(SERVICE)
     broker = make_broker(SERVICE, settings, telemetry)

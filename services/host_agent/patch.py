@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
+import select
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,10 +30,12 @@ class PatchResult:
     error: str | None
 
 
-async def run_patch(
-    spec: PatchSpec, deadline: float, on_spawn: Callable[[int], None] | None = None
+def run_patch(
+    spec: PatchSpec, deadline: float, on_spawn: Callable[[int | None], None] | None = None
 ) -> PatchResult:
-    """Apply `spec`, stopping at `deadline` (a `time.monotonic()` value).
+    """Apply `spec`, stopping at `deadline` (a `time.monotonic()` value). Blocking: it runs on the
+    window's own thread, where nothing else competes with it. `on_spawn(pgid)` is called once the
+    patch runs (with None for a simulated patch).
 
     A command runs in its own process group (a new session) so that, at the deadline, the whole
     group is killed, children included. Its output goes to a temporary file rather than a pipe: a
@@ -41,43 +44,65 @@ async def run_patch(
     started_at, t0 = utcnow(), time.monotonic()
     remaining = max(0.0, deadline - t0)
     if spec.duration_s is not None:
+        if on_spawn is not None:
+            on_spawn(None)
         timed_out = spec.duration_s > remaining
-        await asyncio.sleep(min(spec.duration_s, remaining))
-        return _result(started_at, t0, timed_out, 0 if not timed_out else None, None)
+        time.sleep(min(spec.duration_s, remaining))
+        return _result(started_at, t0, timed_out, None if timed_out else 0, None)
 
     assert spec.command is not None
     with tempfile.TemporaryFile() as output:
-        proc = await asyncio.create_subprocess_shell(
+        proc = subprocess.Popen(
             spec.command,
-            stdin=asyncio.subprocess.DEVNULL,
+            shell=True,
+            stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=output,
             start_new_session=True,
         )
         if on_spawn is not None:
             on_spawn(proc.pid)
-        try:
-            exit_code: int | None = await asyncio.wait_for(proc.wait(), remaining)
-            timed_out = False
-        except TimeoutError:
-            _kill_group(proc.pid)
-            await proc.wait()
+        exit_code: int | None
+        if _exits_within(proc, remaining):
+            exit_code, timed_out = proc.wait(), False
+        else:
+            kill_group(proc.pid)
+            proc.wait()
             exit_code, timed_out = None, True
-        except asyncio.CancelledError:
-            _kill_group(proc.pid)
-            raise
         output.seek(0, os.SEEK_END)
-        size = output.tell()
-        output.seek(max(0, size - OUTPUT_TAIL_BYTES))
+        output.seek(max(0, output.tell() - OUTPUT_TAIL_BYTES))
         tail = output.read().decode(errors="replace").strip()
     return _result(started_at, t0, timed_out, exit_code, tail)
 
 
-def _kill_group(pid: int) -> None:
+def _exits_within(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait for `proc` to exit, waking the moment it does (a pidfd), at most `timeout`.
+
+    `Popen.wait(timeout)` polls with sleeps of up to 50 ms: that would add to every pause.
+    """
     try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        pidfd = os.pidfd_open(proc.pid)
+    except OSError:  # kernel without pidfd (< 5.3): polling is all there is
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
+    finally:
+        os.close(pidfd)
+
+
+def kill_group(pgid: int) -> bool:
+    """SIGKILL a process group; False if it is gone already."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def _result(

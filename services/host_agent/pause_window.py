@@ -2,23 +2,27 @@
 them all again together, within a hard budget, crash-safe.
 
 Freeze maintenance suspends and resumes (memory kept in RAM); Reboot maintenance shuts down and
-starts (memory lost). Both run through the same `PauseWindow`. Nothing here waits on the network:
-events go to `emit`, which only queues them.
+starts (memory lost). Both run through the same `PauseWindow`.
+
+The window itself runs on a thread of its own: libvirt calls fan out to a pool of threads (one per
+VM, libvirt-python releases the GIL) and the patch is waited on directly, so the path from the
+last suspend to the patch and from the patch to the resumes never waits for the event loop. Events
+and spans are produced on the loop, from timestamps taken on the path, and go to `emit`, which only
+queues them: nothing here waits on the network.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
-import signal
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.metrics import Meter
@@ -26,7 +30,7 @@ from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
 from services.host_agent.hypervisor import Hypervisor, HypervisorError
 from services.host_agent.journal import JournalEntry, PauseJournal
-from services.host_agent.patch import PatchResult, run_patch
+from services.host_agent.patch import PatchResult, kill_group, run_patch
 from shared.contracts import (
     Event,
     EventType,
@@ -60,31 +64,98 @@ class _Ops:
     """How VMs are stopped and started: suspend/resume (Freeze) or shutdown/start (Reboot)."""
 
     stopped_state: str
-    stop: Callable[[Hypervisor, str], None]
-    start: Callable[[Hypervisor, str], None]
-
-
-def _ops(event_type: EventType, shutdown_timeout_s: float) -> _Ops:
-    if event_type == "Reboot":
-        return _Ops(
-            "shutoff",
-            lambda hv, vm: hv.shutdown(vm, shutdown_timeout_s),
-            lambda hv, vm: hv.start(vm),
-        )
-    return _Ops("paused", lambda hv, vm: hv.suspend(vm), lambda hv, vm: hv.resume(vm))
+    stop: Callable[[str], None]
+    start: Callable[[str], None]
 
 
 @dataclass
-class _VMRun:
+class Call:
+    """One libvirt call of the window, timed on the calling thread."""
+
     vm: str
-    span: Span | None = None
-    paused_at: datetime = field(default_factory=lambda: utcnow())
-    t_pause: float = 0.0
-    stopped: bool = False
-    stalled: bool = False
-    outcome: str = "failed"
-    detail: str | None = None
-    paused_ms: float | None = None
+    issued_ns: int
+    issued: float
+    done: float | None = None
+    error: str | None = None
+    future: Future[Call] | None = field(default=None, repr=False)
+
+    @property
+    def stalled(self) -> bool:
+        """Still running past its timeout (it may complete later)."""
+        return self.done is None and self.error is None
+
+
+def fan_out(
+    pool: ThreadPoolExecutor,
+    fn: Callable[[str], None],
+    vms: list[str],
+    timeout: float,
+    lanes: int | None = None,
+) -> dict[str, Call]:
+    """Call `fn(vm)` for every VM at once, on up to `lanes` threads (default: one per VM); wait at
+    most `timeout`. Calls still running are returned as stalled, with their future."""
+
+    def call_one(vm: str) -> Call:
+        call = Call(vm, time.time_ns(), time.monotonic())
+        try:
+            fn(vm)
+        except HypervisorError as exc:
+            call.error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - any failure is this VM's, not the window's
+            call.error = f"{type(exc).__name__}: {exc}"
+        call.done = time.monotonic()
+        return call
+
+    def lane(names: list[str], into: dict[str, Call]) -> None:
+        for vm in names:
+            into[vm] = call_one(vm)
+
+    if lanes == 1:
+        # One lane: no thread to hand over to (used where the hypervisor serializes every call
+        # in-process anyway, the test driver): the calls run right here.
+        return {vm: call_one(vm) for vm in vms}
+    start_ns, start = time.time_ns(), time.monotonic()
+    count = max(1, min(lanes or len(vms), len(vms)))
+    groups = [vms[i::count] for i in range(count)]
+    results: list[dict[str, Call]] = [{} for _ in groups]
+    futures = [pool.submit(lane, g, r) for g, r in zip(groups, results, strict=True) if g]
+    concurrent.futures.wait(futures, timeout)
+    calls: dict[str, Call] = {}
+    for group, done, fut in zip(groups, results, futures, strict=False):
+        for vm in group:
+            calls[vm] = done.get(vm) or Call(
+                vm, start_ns, start, future=_call_future(fut, done, vm)
+            )
+    return calls
+
+
+def _call_future(lane: Future[None], done: dict[str, Call], vm: str) -> Future[Call]:
+    """A future of one VM's call inside a lane still running."""
+    result: Future[Call] = Future()
+
+    def finished(_: Future[None]) -> None:
+        call = done.get(vm)
+        if call is None:
+            result.set_exception(RuntimeError(f"{vm}: call lane failed"))
+        else:
+            result.set_result(call)
+
+    lane.add_done_callback(finished)
+    return result
+
+
+@dataclass
+class _Path:
+    """What happened on the critical path."""
+
+    targets: list[str]
+    skipped: list[VMWindowOutcome]
+    opened: float = 0.0
+    closed: float = 0.0
+    stops: dict[str, Call] = field(default_factory=dict)
+    starts: dict[str, Call] = field(default_factory=dict)
+    patch: PatchResult | None = None
+    forced: bool = False
 
 
 def _wall(t_ns: int) -> datetime:
@@ -102,24 +173,29 @@ class PauseWindow:
         emit: Callable[[Event], None],
         tracer: Tracer,
         meter: Meter,
-        executor: Executor,
         call_timeout_s: float = 5.0,
         resume_margin_s: float = 0.02,
         shutdown_timeout_s: float = 60.0,
         resume_give_up_s: float = 60.0,
+        max_parallel_calls: int = 64,
+        lanes: int | None = None,
     ) -> None:
         self.host = host
         self.hv = hypervisor
         self.journal = journal
         self.emit = emit
         self.tracer = tracer
-        self.executor = executor
         self.call_timeout_s = call_timeout_s
         self.resume_margin_s = resume_margin_s
         self.shutdown_timeout_s = shutdown_timeout_s
         self.resume_give_up_s = resume_give_up_s
+        self.calls = ThreadPoolExecutor(max_parallel_calls, thread_name_prefix=f"libvirt-{host}")
+        self.lanes = lanes
+        """Threads per fan-out; None: one per VM."""
+        self.path_thread = ThreadPoolExecutor(1, thread_name_prefix=f"window-{host}")
         self._lock = asyncio.Lock()
-        self._pending_journal: asyncio.Future[None] | None = None
+        self._spans: dict[str, Span] = {}
+        self._journaling: Future[None] | None = None
         self._pause_hist = meter.create_histogram(
             "pp.vm.pause.duration", unit="ms", description="VM blackout per pause window"
         )
@@ -127,14 +203,25 @@ class PauseWindow:
             "pp.window.overhead", unit="ms", description="Window time minus patch time"
         )
 
-    async def _blocking(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
-        loop = asyncio.get_running_loop()
-        return await asyncio.wait_for(loop.run_in_executor(self.executor, fn, *args), timeout)
+    def warm_up(self) -> None:
+        """Start the pool's threads now, not on the first window's critical path."""
+        fan_out(self.calls, lambda _: time.sleep(0.01), [str(i) for i in range(64)], 5.0)
+
+    def close(self) -> None:
+        """Release the threads."""
+        self.calls.shutdown(wait=False, cancel_futures=True)
+        self.path_thread.shutdown(wait=False, cancel_futures=True)
 
     @property
     def busy(self) -> bool:
         """A window is open."""
         return self._lock.locked()
+
+    def _ops(self, event_type: EventType) -> _Ops:
+        hv = self.hv
+        if event_type == "Reboot":
+            return _Ops("shutoff", lambda vm: hv.shutdown(vm, self.shutdown_timeout_s), hv.start)
+        return _Ops("paused", hv.suspend, hv.resume)
 
     async def run(self, req: WindowRequest) -> MaintenanceCompleted:
         """Stop every running VM, patch, start them all again; report everything through `emit`."""
@@ -148,45 +235,166 @@ class PauseWindow:
                     "pp.pause_budget_s": req.budget_s,
                 },
             ) as window_span:
-                result = await self._run(req)
+                loop = asyncio.get_running_loop()
+                context = trace.set_span_in_context(window_span)
+
+                def on_stopped(stops: dict[str, Call]) -> None:
+                    self._stopped(req, stops, context)
+
+                path = await loop.run_in_executor(
+                    self.path_thread, self._critical_path, req, loop, on_stopped
+                )
+                result = self._report(req, path)
                 window_span.set_attribute("pp.window_ms", result.window_ms)
                 window_span.set_attribute("pp.overhead_ms", result.overhead_ms)
                 if not result.ok:
                     window_span.set_status(Status(StatusCode.ERROR, result.error or "failed"))
                 return result
 
-    async def _run(self, req: WindowRequest) -> MaintenanceCompleted:
-        ops = _ops(req.event_type, self.shutdown_timeout_s)
-        vms, _ = await self._blocking(self.hv.list_vms, timeout=self.call_timeout_s)
-        targets = [v.vm for v in vms if v.state in STOPPABLE_STATES]
-        outcomes = [
-            VMWindowOutcome(vm=v.vm, outcome="skipped", detail=f"was {v.state} before the window")
-            for v in vms
-            if v.state not in STOPPABLE_STATES
-        ]
-        await self._blocking(
-            self.journal.record,
+    # ------------------------------------------------------------ the critical path (own thread)
+
+    def _critical_path(
+        self,
+        req: WindowRequest,
+        loop: asyncio.AbstractEventLoop,
+        on_stopped: Callable[[dict[str, Call]], None],
+    ) -> _Path:
+        ops = self._ops(req.event_type)
+        vms, _ = self.hv.list_vms()
+        path = _Path(
+            targets=[v.vm for v in vms if v.state in STOPPABLE_STATES],
+            skipped=[
+                VMWindowOutcome(vm=v.vm, outcome="skipped", detail=f"was {v.state} before")
+                for v in vms
+                if v.state not in STOPPABLE_STATES
+            ],
+        )
+        # On disk before the first suspend: a crash from here on is recovered at restart.
+        self.journal.record(
             JournalEntry(
                 rollout_id=req.rollout_id,
                 scheduled_event_id=str(req.scheduled_event_id) if req.scheduled_event_id else None,
                 event_type=req.event_type,
-                vms=targets,
+                vms=path.targets,
                 started_at=time.time(),
                 budget_s=req.budget_s,
-            ),
-            timeout=self.call_timeout_s,
+            )
         )
-
-        t_open = time.monotonic()
-        runs = [_VMRun(vm) for vm in targets]
-        await asyncio.gather(*(self._stop(run, ops, req) for run in runs))
-        stop_done = time.monotonic()
+        path.opened = time.monotonic()
+        path.stops = fan_out(
+            self.calls, ops.stop, path.targets, self._stop_timeout(req), self.lanes
+        )
+        stopped_at = time.monotonic()
 
         # Freeze: the budget bounds the blackout from the first suspend. Reboot: memory is lost
         # anyway; the budget bounds the patch, the guests' shutdown has its own timeout.
-        budget_from = t_open if req.event_type == "Freeze" else stop_done
+        budget_from = path.opened if req.event_type == "Freeze" else stopped_at
         deadline = budget_from + req.budget_s - self.resume_margin_s
-        patch = await self._patch(req, deadline)
+
+        def spawned(pgid: int | None) -> None:
+            # Events and spans are made on the loop while the patch runs, not before it starts.
+            loop.call_soon_threadsafe(on_stopped, path.stops)
+            if pgid is not None:
+                self._remember_patch_group(pgid)
+
+        path.patch = run_patch(req.patch, deadline, on_spawn=spawned)
+        path.forced = path.patch.timed_out or time.monotonic() >= deadline
+
+        to_start = [vm for vm, call in path.stops.items() if call.error is None]
+        path.starts = self._start_all(ops, to_start, path.stops)
+        path.closed = time.monotonic()
+        if self._journaling is not None:
+            self._journaling.result()  # the patch's group id must not be re-journaled after this
+            self._journaling = None
+        self.journal.clear()
+        return path
+
+    def _start_all(self, ops: _Ops, vms: list[str], stops: dict[str, Call]) -> dict[str, Call]:
+        """Start every VM again; retry failures until `resume_give_up_s`. A VM whose stop call
+        stalled is started once that call returns: it must not end up stopped after us."""
+
+        def start_if_stopped(vm: str) -> None:
+            try:
+                ops.start(vm)
+            except HypervisorError:
+                # Not stopped any more (someone started it) is fine; anything else is not.
+                if self.hv.state(vm) == ops.stopped_state:
+                    raise
+
+        starts = fan_out(self.calls, start_if_stopped, vms, self.call_timeout_s, self.lanes)
+        give_up = time.monotonic() + self.resume_give_up_s
+        attempt = 0
+        while time.monotonic() < give_up:
+            pending = [
+                vm
+                for vm, call in starts.items()
+                if call.error is not None or call.stalled or stops[vm].stalled
+            ]
+            if not pending:
+                break
+            attempt += 1
+            for vm in pending:
+                stalled_stop = stops[vm].future
+                if stalled_stop is not None and stalled_stop.done():
+                    stops[vm] = replace(stalled_stop.result(), issued=stops[vm].issued)
+            log.warning("starting %s again (attempt %d)", ", ".join(pending), attempt + 1)
+            time.sleep(min(0.5, 0.05 * attempt))
+            retried = fan_out(
+                self.calls, start_if_stopped, pending, self.call_timeout_s, self.lanes
+            )
+            for vm, call in retried.items():
+                call.issued_ns, call.issued = starts[vm].issued_ns, starts[vm].issued
+                starts[vm] = call
+        return starts
+
+    def _stop_timeout(self, req: WindowRequest) -> float:
+        if req.event_type == "Reboot":
+            return self.shutdown_timeout_s + self.call_timeout_s
+        return min(self.call_timeout_s, req.budget_s / 2)
+
+    def _remember_patch_group(self, pgid: int) -> None:
+        # Journaled on a pool thread, concurrently with the patch: it never delays the window.
+        def record() -> None:
+            entry = self.journal.load()
+            if entry is not None:
+                self.journal.record(replace(entry, patch_pgid=pgid))
+
+        self._journaling = self.calls.submit(record)
+
+    # ------------------------------------------------------------ events and spans (the loop)
+
+    def _stopped(self, req: WindowRequest, stops: dict[str, Call], context: object) -> None:
+        """VMPaused per stopped VM, inside its `vm.pause` span (opened at the stop call)."""
+        for vm, call in stops.items():
+            span = self.tracer.start_span(
+                f"vm.pause {vm}",
+                context=context,  # type: ignore[arg-type]
+                start_time=call.issued_ns,
+                attributes={
+                    "pp.host": self.host,
+                    "pp.vm": vm,
+                    "pp.rollout_id": req.rollout_id or "",
+                },
+            )
+            if call.error is not None:
+                span.set_status(Status(StatusCode.ERROR, f"could not be stopped: {call.error}"))
+                span.end()
+                log.warning("stop of %s failed: %s", vm, call.error)
+                continue
+            self._spans[vm] = span
+            with trace.use_span(span, end_on_exit=False):
+                self.emit(
+                    VMPaused(
+                        host=self.host,
+                        vm=vm,
+                        rollout_id=req.rollout_id,
+                        paused_at=_wall(call.issued_ns),
+                    )
+                )
+
+    def _report(self, req: WindowRequest, path: _Path) -> MaintenanceCompleted:
+        patch = path.patch
+        assert patch is not None
         self.emit(
             HostPatched(
                 host=self.host,
@@ -199,203 +407,128 @@ class PauseWindow:
                 error=patch.error,
             )
         )
-        forced = patch.timed_out or time.monotonic() >= deadline
-        await asyncio.gather(*(self._start(run, ops, req, forced) for run in runs if run.stopped))
-        window_ms = (time.monotonic() - t_open) * 1000
-        if self._pending_journal is not None:
-            await self._pending_journal
-            self._pending_journal = None
-        await self._blocking(self.journal.clear, timeout=self.call_timeout_s)
-
-        outcomes += [
-            VMWindowOutcome(vm=r.vm, outcome=r.outcome, paused_ms=r.paused_ms, detail=r.detail)  # type: ignore[arg-type]
-            for r in runs
-        ]
+        outcomes = list(path.skipped)
+        for vm, stop in path.stops.items():
+            if stop.error is not None:
+                outcomes.append(
+                    VMWindowOutcome(vm=vm, outcome="failed", detail=f"not stopped: {stop.error}")
+                )
+                continue
+            outcomes.append(self._resumed(req, path, stop, path.starts[vm]))
         outcomes.sort(key=lambda o: o.vm)
+        window_ms = (path.closed - path.opened) * 1000
         failed = [o for o in outcomes if o.outcome == "failed"]
         errors = [e for e in (patch.error, *(f"{o.vm}: {o.detail}" for o in failed)) if e]
-        if forced and not patch.timed_out:
-            errors.append("deadline reached: VMs resumed by force")
-        self._overhead_hist.record(window_ms - patch.duration_ms, {"host": self.host})
+        if path.forced and not patch.timed_out:
+            errors.append("deadline reached: VMs started again by force")
+        overhead_ms = window_ms - patch.duration_ms
+        self._overhead_hist.record(overhead_ms, {"host": self.host})
         completed = MaintenanceCompleted(
             host=self.host,
             rollout_id=req.rollout_id,
             scheduled_event_id=req.scheduled_event_id,
             event_type=req.event_type,
-            ok=patch.ok and not failed and not forced,
+            ok=patch.ok and not failed and not path.forced,
             window_ms=window_ms,
             patch_ms=patch.duration_ms,
-            overhead_ms=window_ms - patch.duration_ms,
+            overhead_ms=overhead_ms,
             vms=outcomes,
             error="; ".join(errors) or None,
         )
         self.emit(completed)
         log.info(
             "window closed: %d VMs, window %.1f ms, patch %.1f ms, overhead %.2f ms, ok=%s",
-            len(runs),
+            len(path.targets),
             window_ms,
             patch.duration_ms,
-            completed.overhead_ms,
+            overhead_ms,
             completed.ok,
         )
         return completed
 
-    async def _stop(self, run: _VMRun, ops: _Ops, req: WindowRequest) -> None:
-        t_ns = time.time_ns()
-        run.paused_at, run.t_pause = _wall(t_ns), time.monotonic()
-        # The span opens when the stop call is issued and closes when the start call returns:
-        # its duration is the VM's blackout.
-        run.span = span = self.tracer.start_span(
-            f"vm.pause {run.vm}",
-            start_time=t_ns,
-            attributes={
-                "pp.host": self.host,
-                "pp.vm": run.vm,
-                "pp.rollout_id": req.rollout_id or "",
-            },
-        )
-        try:
-            await self._blocking(ops.stop, self.hv, run.vm, timeout=self._stop_timeout(req))
-        except TimeoutError:
-            # The call may still complete: the VM is resumed with the others in any case.
-            run.stalled, run.stopped = True, True
-            run.detail = "stop call stalled past its timeout"
-            log.warning("stop of %s stalled", run.vm)
-            return
-        except HypervisorError as exc:
-            run.detail = f"could not be stopped: {exc}"
-            span.set_status(Status(StatusCode.ERROR, run.detail))
-            span.end()
-            log.warning("stop of %s failed: %s", run.vm, exc)
-            return
-        run.stopped = True
-        with trace.use_span(span, end_on_exit=False):
-            self.emit(
-                VMPaused(
-                    host=self.host, vm=run.vm, rollout_id=req.rollout_id, paused_at=run.paused_at
-                )
-            )
-
-    def _stop_timeout(self, req: WindowRequest) -> float:
-        if req.event_type == "Reboot":
-            return self.shutdown_timeout_s + self.call_timeout_s
-        return min(self.call_timeout_s, req.budget_s / 2)
-
-    async def _patch(self, req: WindowRequest, deadline: float) -> PatchResult:
-        with self.tracer.start_as_current_span(
-            f"host.patch {self.host}", attributes={"pp.patch": req.patch.describe()}
-        ) as span:
-            result = await run_patch(req.patch, deadline, on_spawn=self._remember_patch_group)
-            span.set_attribute("pp.patch_ms", result.duration_ms)
-            if not result.ok:
-                span.set_status(Status(StatusCode.ERROR, result.error or "patch failed"))
-            return result
-
-    def _remember_patch_group(self, pgid: int) -> None:
-        # Journaled off the event loop, concurrently with the patch: it never delays the window.
-        def record() -> None:
-            entry = self.journal.load()
-            if entry is not None:
-                self.journal.record(replace(entry, patch_pgid=pgid))
-
-        self._pending_journal = asyncio.get_running_loop().run_in_executor(self.executor, record)
-
-    async def _start(self, run: _VMRun, ops: _Ops, req: WindowRequest, forced: bool) -> None:
-        give_up = time.monotonic() + self.resume_give_up_s
-        error: str | None = None
-        attempts = 0
-        while True:
-            attempts += 1
-            try:
-                state = await self._blocking(self.hv.state, run.vm, timeout=self.call_timeout_s)
-                if state == ops.stopped_state:
-                    await self._blocking(ops.start, self.hv, run.vm, timeout=self.call_timeout_s)
-                error = None
-                break
-            except (TimeoutError, HypervisorError) as exc:
-                error = str(exc) or type(exc).__name__
-                if time.monotonic() >= give_up:
-                    break
-                log.warning(
-                    "start of %s failed (attempt %d): %s; retrying", run.vm, attempts, error
-                )
-                await asyncio.sleep(min(0.5, 0.05 * attempts))
-        end_ns = time.time_ns()
-        paused_ms = (time.monotonic() - run.t_pause) * 1000
-        run.paused_ms = paused_ms
-        if error is None:
-            run.outcome = "resumed"
-        else:
-            run.outcome, run.detail = "failed", f"could not be started again: {error}"
-        self._pause_hist.record(paused_ms, {"host": self.host, "forced": forced})
-        resumed = VMResumed(
-            host=self.host,
-            vm=run.vm,
-            rollout_id=req.rollout_id,
-            paused_at=run.paused_at,
-            resumed_at=_wall(end_ns),
-            paused_ms=paused_ms,
-            budget_ms=req.budget_s * 1000,
-            forced=forced,
-            ok=error is None,
-            error=error,
-        )
-        span = run.span
-        assert span is not None
+    def _resumed(self, req: WindowRequest, path: _Path, stop: Call, start: Call) -> VMWindowOutcome:
+        done = start.done if start.done is not None else time.monotonic()
+        paused_ms = (done - stop.issued) * 1000
+        end_ns = stop.issued_ns + int(paused_ms * 1e6)
+        error = start.error if start.error is not None else ("stalled" if start.stalled else None)
+        self._pause_hist.record(paused_ms, {"host": self.host, "forced": path.forced})
+        span = self._spans.pop(stop.vm)
         span.set_attribute("pp.paused_ms", paused_ms)
-        span.set_attribute("pp.forced", forced)
+        span.set_attribute("pp.forced", path.forced)
         if error is not None:
             span.set_status(Status(StatusCode.ERROR, error))
         with trace.use_span(span, end_on_exit=False):
-            self.emit(resumed)
+            self.emit(
+                VMResumed(
+                    host=self.host,
+                    vm=stop.vm,
+                    rollout_id=req.rollout_id,
+                    paused_at=_wall(stop.issued_ns),
+                    resumed_at=_wall(end_ns),
+                    paused_ms=paused_ms,
+                    budget_ms=req.budget_s * 1000,
+                    forced=path.forced,
+                    ok=error is None,
+                    error=error,
+                )
+            )
         span.end(end_time=end_ns)
+        if error is not None:
+            return VMWindowOutcome(
+                vm=stop.vm, outcome="failed", paused_ms=paused_ms, detail=f"not started: {error}"
+            )
+        return VMWindowOutcome(vm=stop.vm, outcome="resumed", paused_ms=paused_ms)
+
+    # ------------------------------------------------------------ recovery
 
     async def recover(self) -> MaintenanceCompleted | None:
         """After a restart: start again every VM the journal says this agent stopped.
 
         A VM someone else paused was never journaled, so it is left alone.
         """
-        entry = await self._blocking(self.journal.load, timeout=self.call_timeout_s)
+        loop = asyncio.get_running_loop()
+        entry = await loop.run_in_executor(self.path_thread, self.journal.load)
         if entry is None:
             return None
         event_type: EventType = "Reboot" if entry.event_type == "Reboot" else "Freeze"
-        ops = _ops(event_type, self.shutdown_timeout_s)
-        rollout_id = entry.rollout_id
+        ops = self._ops(event_type)
         log.warning("found an open window from a previous run (%d VMs): recovering", len(entry.vms))
-        killed = _kill_orphaned_patch(entry.patch_pgid)
-        now = utcnow()
-        started = datetime.fromtimestamp(entry.started_at, UTC)
-        self.emit(
-            HostPatched(
-                host=self.host,
-                rollout_id=rollout_id,
-                ok=False,
-                patch_started_at=started,
-                patch_finished_at=now,
-                patch_ms=max(0.0, (now - started).total_seconds() * 1000),
-                error="agent restarted during the window"
-                + ("; the patch's process group was killed" if killed else ""),
-            )
+        killed = bool(entry.patch_pgid) and _kill_orphaned_patch(entry.patch_pgid)
+
+        def start_if_stopped(vm: str) -> None:
+            if self.hv.state(vm) == ops.stopped_state:
+                ops.start(vm)
+
+        starts = await loop.run_in_executor(
+            self.path_thread, fan_out, self.calls, start_if_stopped, entry.vms, self.call_timeout_s
         )
-        outcomes = []
+        started = datetime.fromtimestamp(entry.started_at, UTC)
+        now = utcnow()
         with self.tracer.start_as_current_span(f"host.recover {self.host}"):
+            self.emit(
+                HostPatched(
+                    host=self.host,
+                    rollout_id=entry.rollout_id,
+                    ok=False,
+                    patch_started_at=started,
+                    patch_finished_at=now,
+                    patch_ms=max(0.0, (now - started).total_seconds() * 1000),
+                    error="agent restarted during the window"
+                    + ("; the patch's process group was killed" if killed else ""),
+                )
+            )
+            outcomes = []
             for vm in entry.vms:
-                error = None
-                try:
-                    state = await self._blocking(self.hv.state, vm, timeout=self.call_timeout_s)
-                    if state == ops.stopped_state:
-                        await self._blocking(ops.start, self.hv, vm, timeout=self.call_timeout_s)
-                except (TimeoutError, HypervisorError) as exc:
-                    error = str(exc) or type(exc).__name__
-                resumed_at = utcnow()
-                paused_ms = max(0.0, (resumed_at - started).total_seconds() * 1000)
+                call = starts[vm]
+                error = call.error or ("stalled" if call.stalled else None)
+                paused_ms = max(0.0, (now - started).total_seconds() * 1000)
                 self.emit(
                     VMResumed(
                         host=self.host,
                         vm=vm,
-                        rollout_id=rollout_id,
+                        rollout_id=entry.rollout_id,
                         paused_at=started,
-                        resumed_at=resumed_at,
+                        resumed_at=now,
                         paused_ms=paused_ms,
                         budget_ms=entry.budget_s * 1000,
                         forced=True,
@@ -409,27 +542,27 @@ class PauseWindow:
                         vm=vm,
                         outcome="resumed" if error is None else "failed",
                         paused_ms=paused_ms,
-                        detail=error or "resumed from the journal after an agent restart",
+                        detail=error or "started again from the journal after an agent restart",
                     )
                 )
-        window_ms = max(0.0, (utcnow() - started).total_seconds() * 1000)
-        completed = MaintenanceCompleted(
-            host=self.host,
-            rollout_id=rollout_id,
-            scheduled_event_id=uuid.UUID(entry.scheduled_event_id)
-            if entry.scheduled_event_id
-            else None,
-            event_type=event_type,
-            ok=False,
-            window_ms=window_ms,
-            patch_ms=0.0,
-            overhead_ms=window_ms,
-            vms=outcomes,
-            error="agent restarted during the window; VMs recovered from the journal",
-            recovered=True,
-        )
-        self.emit(completed)
-        await self._blocking(self.journal.clear, timeout=self.call_timeout_s)
+            window_ms = max(0.0, (now - started).total_seconds() * 1000)
+            completed = MaintenanceCompleted(
+                host=self.host,
+                rollout_id=entry.rollout_id,
+                scheduled_event_id=uuid.UUID(entry.scheduled_event_id)
+                if entry.scheduled_event_id
+                else None,
+                event_type=event_type,
+                ok=False,
+                window_ms=window_ms,
+                patch_ms=0.0,
+                overhead_ms=window_ms,
+                vms=outcomes,
+                error="agent restarted during the window; VMs recovered from the journal",
+                recovered=True,
+            )
+            self.emit(completed)
+        await loop.run_in_executor(self.path_thread, self.journal.clear)
         return completed
 
 
@@ -442,7 +575,6 @@ def _kill_orphaned_patch(pgid: int | None) -> bool:
     try:
         if os.getsid(pgid) != pgid:
             return False
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
+    except ProcessLookupError:
         return False
-    return True
+    return kill_group(pgid)
