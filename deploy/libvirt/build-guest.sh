@@ -20,27 +20,27 @@ exec 9>"$OUTDIR/.lock"
 flock -w 600 9 || die "another build-guest.sh has held $OUTDIR/.lock for 600 s"
 
 started=$EPOCHREALTIME
-ensure_apt_lists linux-image-amd64 qemu-guest-agent busybox-static
-# linux-image-amd64 is a metapackage: the kernel itself is in the versioned package it depends on.
-KERNEL_PKG=$(apt-cache depends linux-image-amd64 | awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')
-[ -n "$KERNEL_PKG" ] || die "cannot resolve linux-image-amd64 to a versioned linux-image package"
-PACKAGES=("$KERNEL_PKG" qemu-guest-agent busybox-static)
-
-candidate_version() {
-    apt-cache policy "$1" | awk '$1 == "Candidate:" { print $2 }'
-}
-
 # The cache key: the exact package versions, plus this script (it defines /init and the tree).
-PINNED=()
-for pkg in "${PACKAGES[@]}"; do
-    PINNED+=("$pkg=$(candidate_version "$pkg")")
-done
-stamp=$(printf '%s\n' "${PINNED[@]}" "build-guest.sh=$(sha256sum <"$HERE/build-guest.sh" | cut -d' ' -f1)")
+# linux-image-amd64 moves with every kernel upload, so its version stands for the kernel's.
+pinned=$(candidate_versions linux-image-amd64 qemu-guest-agent busybox-static)
+mapfile -t PINNED <<<"$pinned"
+stamp=$(printf '%s\n' "${PINNED[@]}" \
+    "build-guest.sh=$(sha256sum <"$HERE/build-guest.sh" | cut -d' ' -f1)")
 if [ -f "$OUTDIR/vmlinuz" ] && [ -f "$OUTDIR/initrd.img" ] &&
     [ "$(cat "$OUTDIR/.stamp" 2>/dev/null)" = "$stamp" ]; then
     echo "guest up to date in $OUTDIR (${PINNED[*]})"
     exit 0
 fi
+
+# linux-image-amd64 is a metapackage: the kernel is in the versioned package it depends on,
+# e.g. "Depends: linux-image-6.1.0-56-amd64 (= 6.1.192-2)". (No early exit in awk: apt-cache
+# would die of SIGPIPE and pipefail would fail the script.)
+KERNEL_PIN=$(apt-cache show --no-all-versions "${PINNED[0]}" | awk '
+    $1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ && $3 == "(=" {
+        print $2 "=" substr($4, 1, length($4) - 1)
+    }')
+[ -n "$KERNEL_PIN" ] || die "cannot resolve ${PINNED[0]} to a versioned linux-image package"
+KERNEL_PKG=${KERNEL_PIN%%=*}
 
 WORK=$(mktemp -d "$OUTDIR/.work.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -48,8 +48,9 @@ mkdir "$WORK/debs" "$WORK/pkg"
 ROOT=$WORK/root
 
 # The sandbox user _apt cannot write into a root-only temporary directory.
-(cd "$WORK/debs" && apt-get download -qq -o APT::Sandbox::User=root "${PINNED[@]}") ||
-    die "apt-get download ${PINNED[*]} failed"
+DOWNLOADS=("$KERNEL_PIN" "${PINNED[@]:1}")
+(cd "$WORK/debs" && apt-get download -qq -o APT::Sandbox::User=root "${DOWNLOADS[@]}") ||
+    die "apt-get download ${DOWNLOADS[*]} failed"
 # From the kernel only what the guest uses: the full tree is ~400 MB of modules.
 dpkg-deb --fsys-tarfile "$WORK/debs/${KERNEL_PKG}_"*.deb |
     tar -x -C "$WORK/pkg" --wildcards './boot/vmlinuz-*' './lib/modules/*/virtio*.ko*'
@@ -71,13 +72,15 @@ done
 # qemu-ga with its shared libraries, resolved by ldd against the host: installing the agent's
 # Depends (small libraries, already there next to QEMU) makes the host's copies match them.
 QEMU_GA=$WORK/pkg/usr/sbin/qemu-ga
-mapfile -t ga_deps < <(dpkg-deb -f "$WORK"/debs/qemu-guest-agent_*.deb Depends |
+# "libc6 (>= 2.34), libglib2.0-0 (>= 2.63.3), ..." -> one package name a line.
+ga_deps=$(dpkg-deb -f "$WORK"/debs/qemu-guest-agent_*.deb Depends |
     tr ',' '\n' | sed -E 's/\|.*//; s/\(.*\)//; s/[[:space:]]//g')
+mapfile -t ga_deps <<<"$ga_deps"
 ensure_packages "${ga_deps[@]}"
 cp "$QEMU_GA" "$ROOT/usr/sbin/qemu-ga"
 ldd_out=$(ldd "$QEMU_GA")
 if grep -q 'not found' <<<"$ldd_out"; then
-    die "qemu-ga needs libraries missing on this host: $(grep 'not found' <<<"$ldd_out" | paste -sd ' ')"
+    die "qemu-ga needs libraries this host lacks: $(grep 'not found' <<<"$ldd_out" | xargs)"
 fi
 awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' <<<"$ldd_out" |
     while read -r lib; do
@@ -127,7 +130,8 @@ port=
 tries=0
 while [ -z "$port" ]; do
     for dir in /sys/class/virtio-ports/*; do
-        if [ "$(cat "$dir/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && [ -c "/dev/${dir##*/}" ]; then
+        name=$(cat "$dir/name" 2>/dev/null)
+        if [ "$name" = org.qemu.guest_agent.0 ] && [ -c "/dev/${dir##*/}" ]; then
             port=/dev/${dir##*/}
         fi
     done
@@ -144,6 +148,7 @@ EOF
 chmod 0755 "$ROOT/init" "$ROOT/sbin/shutdown"
 
 # newc is the only cpio format the kernel unpacks; -R 0:0 so every file is root's in the guest.
+# cpio's stderr is only its block count; a failure still fails the pipeline.
 (cd "$ROOT" && find . | sort | "$ROOT/bin/busybox" cpio -o -H newc -R 0:0 2>/dev/null) |
     gzip -9 >"$WORK/initrd.img"
 cp "$WORK"/pkg/boot/vmlinuz-* "$WORK/vmlinuz"
@@ -152,5 +157,5 @@ chmod 0644 "$WORK/vmlinuz" "$WORK/initrd.img"
 mv "$WORK/vmlinuz" "$WORK/initrd.img" "$OUTDIR/"
 echo "$stamp" >"$OUTDIR/.stamp"
 
-awk -v s="$started" -v e="$EPOCHREALTIME" -v o="$OUTDIR" -v p="${PINNED[*]}" \
+awk -v s="$started" -v e="$EPOCHREALTIME" -v o="$OUTDIR" -v p="${DOWNLOADS[*]}" \
     'BEGIN { printf "guest built in %.1f s: %s/vmlinuz, %s/initrd.img (%s)\n", e - s, o, o, p }'

@@ -36,6 +36,13 @@ if libvirt_answers; then
     fi
 fi
 
+# Exited means gone or a zombie: where PID 1 is not a prompt reaper (as in this project's
+# sandboxes) an exited daemon stays a zombie for a while, its socket and pid file already released.
+running() {
+    local state
+    state=$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null) && [ "$state" != Z ]
+}
+
 # SIGTERM is the daemons' clean shutdown; wait for the process to go so that a following
 # libvirtd-up.sh does not race with a daemon that still holds its socket and pid file.
 stop_daemon() {
@@ -43,7 +50,7 @@ stop_daemon() {
     pid=$(daemon_pid "$1") || { echo "$1 not running"; return; }
     kill -TERM "$pid"
     deadline=$((SECONDS + STOP_TIMEOUT_S))
-    while kill -0 "$pid" 2>/dev/null; do
+    while running "$pid"; do
         [ "$SECONDS" -lt "$deadline" ] ||
             die "$1 (pid $pid) still running $STOP_TIMEOUT_S s after SIGTERM"
         sleep 0.1

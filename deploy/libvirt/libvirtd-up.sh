@@ -6,6 +6,7 @@ set -euo pipefail
 source "$(dirname "$(readlink -f "$0")")/lib.sh"
 
 STARTUP_TIMEOUT_S=60
+LIBVIRT_LOG_DIR=/var/log/libvirt
 
 [ "$(id -u)" -eq 0 ] || die "must run as root: the system libvirtd and its QEMU guests run as root"
 
@@ -53,13 +54,18 @@ die_with_log() {
     die "$* (log: $log)"
 }
 
-# Without systemd's journal the daemons would log nowhere: send warnings and errors to files.
+# Without systemd's journal the daemons would log nowhere: send warnings and errors to files,
+# one per start (the previous one kept as .1) so that a failure shows only its own lines.
 start_daemon() {
+    local log="$LIBVIRT_LOG_DIR/$1.log"
     if daemon_pid "$1" >/dev/null; then
         return
     fi
+    if [ -f "$log" ]; then
+        mv -f "$log" "$log.1"
+    fi
     # 9>&-: a daemon that inherited the lock's descriptor would hold the lock for its lifetime.
-    LIBVIRT_LOG_OUTPUTS="3:file:$LIBVIRT_LOG_DIR/$1.log" "$1" -d -p "$(pid_file "$1")" 9>&- ||
+    LIBVIRT_LOG_OUTPUTS="3:file:$log" "$1" -d -p "$(pid_file "$1")" 9>&- ||
         die_with_log "$1" "$1 -d failed"
 }
 

@@ -31,11 +31,14 @@ class PatchResult:
 
 
 def run_patch(
-    spec: PatchSpec, deadline: float, on_spawn: Callable[[int | None], None] | None = None
+    spec: PatchSpec,
+    deadline: float,
+    on_spawn: Callable[[int | None], None] | None = None,
+    env: dict[str, str] | None = None,
 ) -> PatchResult:
     """Apply `spec`, stopping at `deadline` (a `time.monotonic()` value). Blocking: it runs on the
     window's own thread, where nothing else competes with it. `on_spawn(pgid)` is called once the
-    patch runs (with None for a simulated patch).
+    patch runs (with None for a simulated patch). `env` is added to the command's environment.
 
     A command runs in its own process group (a new session) so that, at the deadline, the whole
     group is killed, children included. Its output goes to a temporary file rather than a pipe: a
@@ -59,6 +62,7 @@ def run_patch(
             stdout=output,
             stderr=output,
             start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
         if on_spawn is not None:
             on_spawn(proc.pid)

@@ -297,7 +297,15 @@ class PauseWindow:
             if pgid is not None:
                 self._remember_patch_group(pgid)
 
-        path.patch = run_patch(req.patch, deadline, on_spawn=spawned)
+        # The patch knows what it is patching (a fleet-wide script can branch on the host).
+        env = {
+            "PP_HOST": self.host,
+            "PP_ROLLOUT_ID": req.rollout_id or "",
+            "PP_EVENT_TYPE": req.event_type,
+            "PP_VMS": " ".join(path.targets),
+            "PP_PAUSE_BUDGET_S": str(req.budget_s),
+        }
+        path.patch = run_patch(req.patch, deadline, on_spawn=spawned, env=env)
         path.forced = path.patch.timed_out or time.monotonic() >= deadline
 
         to_start = [vm for vm, call in path.stops.items() if call.error is None]
