@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shared.client import EventWatcher, connect
 from shared.contracts import MaintenanceCompleted, MaintenanceStarted, PatchSpec
 from shared.devstack import LocalStack, SimVM, temp_workdir, test_node_xml
+from shared.placement import Placement
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -226,9 +227,12 @@ def main() -> None:
             )
         )
         if args.qemu:
-            from tests.support.qemu import qemu_bench_guests
+            from tests.support.qemu import running_guests
 
-            with qemu_bench_guests(3) as (qemu_uri, names):
+            guests: dict[str, Placement] = {
+                f"pp-bench-{i}": {"availability_set": "bench", "update_domain": 0} for i in range(3)
+            }
+            with running_guests(guests) as (qemu_uri, names):
                 rows.append(
                     bench_hypervisor(
                         "qemu",

@@ -18,7 +18,8 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from xml.sax.saxutils import quoteattr
+
+from shared.placement import placement_element
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -216,13 +217,14 @@ def test_node_xml(vms: list[SimVM]) -> str:
     placement in `<metadata>` under the project's namespace."""
     parts = ["<node>"]
     for vm in vms:
-        attrs = {
-            "availability-set": vm.availability_set,
-            "update-domain": vm.update_domain,
-            "fault-domain": vm.fault_domain,
-            "ip": vm.ip,
-        }
-        placement = " ".join(f"{k}={quoteattr(str(v))}" for k, v in attrs.items() if v is not None)
+        placement = placement_element(
+            {
+                "availability_set": vm.availability_set,
+                "update_domain": vm.update_domain,
+                "fault_domain": vm.fault_domain,
+                "ip": vm.ip,
+            }
+        )
         # The test driver's own namespace sets the initial state (5 = shut off).
         state = "" if vm.running else "\n    <test:runstate>5</test:runstate>"
         parts.append(
@@ -232,7 +234,7 @@ def test_node_xml(vms: list[SimVM]) -> str:
     <memory>131072</memory>
     <vcpu>1</vcpu>
     <os><type>hvm</type></os>
-    <metadata><pp:placement xmlns:pp="urn:pausepatch:placement:1" {placement}/></metadata>{state}
+    <metadata>{placement}</metadata>{state}
   </domain>"""
         )
     parts.append("</node>")

@@ -9,9 +9,6 @@ from typing import Protocol
 
 from shared.contracts import VMInfo
 
-PLACEMENT_NS = "urn:pausepatch:placement:1"
-"""XML namespace of the placement element in each domain's `<metadata>`."""
-
 
 class HypervisorError(Exception):
     """A hypervisor call failed."""

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import math
 import time
-import xml.etree.ElementTree as ET
 from typing import Any
 
 import libvirt
 
 from services.host_agent.hypervisor import (
-    PLACEMENT_NS,
     GuestClockUnavailable,
     HypervisorError,
     VMNotFound,
 )
 from shared.contracts import VMInfo, is_valid_name
+from shared.placement import PLACEMENT_NS, parse_placement
 
 STATE_NAMES = {
     libvirt.VIR_DOMAIN_NOSTATE: "nostate",
@@ -38,24 +37,6 @@ def _ignore_libvirt_errors(_ctx: Any, _err: Any) -> None:
 
 
 libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
-
-
-def parse_placement(xml: str | None) -> dict[str, Any]:
-    """Placement attributes from the `<pp:placement>` element (all optional)."""
-    if not xml:
-        return {}
-    element = ET.fromstring(xml)
-
-    def as_int(name: str) -> int | None:
-        value = element.get(name)
-        return int(value) if value not in (None, "") else None
-
-    return {
-        "availability_set": element.get("availability-set") or None,
-        "update_domain": as_int("update-domain"),
-        "fault_domain": as_int("fault-domain"),
-        "ip": element.get("ip") or None,
-    }
 
 
 class LibvirtHypervisor:

@@ -18,20 +18,16 @@ from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
-from services.host_agent.hypervisor import PLACEMENT_NS
+from shared.placement import Placement, placement_element
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_DIR = REPO_ROOT / "deploy" / "libvirt"
 GUEST_DIR = REPO_ROOT / "build" / "guest"
 SYSTEM_URI = "qemu:///system"
-PLACEMENT_KEYS = ("availability_set", "update_domain", "fault_domain", "ip")
-"""Placement fields (as in ``shared.contracts.VMInfo``); attributes use dashes instead."""
 CONSOLE_LOG_DIR = Path("/var/log/libvirt/qemu")
 AGENT_POLL_S = 0.5
 AGENT_TIMEOUT_S = 60.0
 """Boot to agent under TCG, three guests on two cores: ~10 s idle, ~27 s beside a CPU-bound test."""
-
-Placement = Mapping[str, str | int | None]
 
 
 # Every failure also raises libvirtError; without a handler libvirt would print each one to
@@ -84,19 +80,6 @@ def console_log(name: str) -> Path:
     return CONSOLE_LOG_DIR / f"{name}-console.log"
 
 
-def _placement_element(placement: Placement) -> str:
-    """The ``<pp:placement>`` element; a key whose value is None is left out."""
-    unknown = set(placement) - set(PLACEMENT_KEYS)
-    if unknown:
-        raise ValueError(f"unknown placement keys {sorted(unknown)}; known: {PLACEMENT_KEYS}")
-    attributes = "".join(
-        f" {key.replace('_', '-')}={quoteattr(str(value))}"
-        for key, value in placement.items()
-        if value is not None
-    )
-    return f'<pp:placement xmlns:pp="{PLACEMENT_NS}"{attributes}/>'
-
-
 def domain_xml(name: str, kernel: Path, initrd: Path, placement: Placement) -> str:
     """Domain XML of a test guest: TCG, 128 MiB, 1 vCPU, direct kernel boot, no disk.
 
@@ -110,7 +93,7 @@ def domain_xml(name: str, kernel: Path, initrd: Path, placement: Placement) -> s
   <memory unit='MiB'>128</memory>
   <vcpu>1</vcpu>
   <metadata>
-    {_placement_element(placement)}
+    {placement_element(placement)}
   </metadata>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
