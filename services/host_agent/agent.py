@@ -123,17 +123,24 @@ class HostAgent:
         self._inventory_changed.set()
 
     async def heartbeat(self) -> None:
-        """Publish the inventory at start, on every change and every `heartbeat_s`."""
+        """Publish the inventory at start, on every change and every `heartbeat_s`.
+
+        Changes are gathered for a moment (a window pauses every VM at once) and not listed while
+        a window is open: the window's own thread has the host then; it reports when it closes.
+        """
         while True:
+            self._inventory_changed.clear()
             try:
                 self.publisher.emit(await self.inventory())
             except Exception:
                 log.exception("could not list VMs")
-            self._inventory_changed.clear()
             try:
                 await asyncio.wait_for(self._inventory_changed.wait(), self.settings.heartbeat_s)
+                await asyncio.sleep(0.1)
             except TimeoutError:
                 pass
+            while self.window.busy:
+                await asyncio.sleep(0.05)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str = "task") -> None:
         """Run a background task, keeping a reference until it ends."""

@@ -5,6 +5,7 @@ Methods are blocking (libvirt is); the agent calls them from a thread pool with 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from shared.contracts import VMInfo
@@ -68,6 +69,11 @@ class Hypervisor(Protocol):
 
     def set_guest_time(self, vm: str, epoch_s: float) -> None:
         """Set the guest clock to `epoch_s` (nanoseconds, not the RTC's whole seconds)."""
+        ...
+
+    def watch(self, on_change: Callable[[], None]) -> None:
+        """Call `on_change` (on the event loop) whenever the host's VMs or their placement
+        change."""
         ...
 
     def close(self) -> None:

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import libvirt
+import libvirtaio
 
 from services.host_agent.hypervisor import (
     GuestClockUnavailable,
@@ -37,6 +40,11 @@ def _ignore_libvirt_errors(_ctx: Any, _err: Any) -> None:
 
 
 libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
+
+
+def dispatch_events_on(loop: asyncio.AbstractEventLoop) -> None:
+    """Have libvirt deliver domain events on `loop` (before any connection is opened)."""
+    libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
 
 
 class LibvirtHypervisor:
@@ -176,6 +184,26 @@ class LibvirtHypervisor:
         nanos, seconds = math.modf(epoch_s)
         value = {"seconds": int(seconds), "nseconds": int(nanos * 1e9)}
         self._clock_call(vm, lambda d: d.setTime(value))
+
+    def watch(self, on_change: Callable[[], None]) -> None:
+        """Call `on_change` whenever a VM starts, stops, pauses, appears, goes, or has its
+        placement metadata changed (libvirt domain events; needs `dispatch_events_on` first)."""
+
+        def lifecycle(*_: Any) -> None:
+            on_change()
+
+        for event_id in (
+            libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+            libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE,
+        ):
+            try:
+                self._conn.domainEventRegisterAny(None, event_id, lifecycle, None)
+            except libvirt.libvirtError as exc:  # a driver without this event: heartbeat only
+                if exc.get_error_code() not in (
+                    libvirt.VIR_ERR_NO_SUPPORT,
+                    libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
+                ):
+                    raise HypervisorError(f"cannot watch domain events: {exc}") from exc
 
     def close(self) -> None:
         try:

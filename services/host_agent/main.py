@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 from faststream import FastStream
@@ -10,7 +11,7 @@ from faststream.middlewares import AckPolicy
 from faststream.nats import PullSub
 
 from services.host_agent.agent import HostAgent, HostAgentSettings
-from services.host_agent.libvirt_hypervisor import LibvirtHypervisor
+from services.host_agent.libvirt_hypervisor import LibvirtHypervisor, dispatch_events_on
 from shared import subjects
 from shared.bus import EventPublisher, events_stream, make_app, make_broker, wait_for_stream
 from shared.contracts import ClockAction, MaintenanceStarted
@@ -56,7 +57,10 @@ def build_app(settings: HostAgentSettings) -> FastStream:
 
     @app.on_startup
     async def startup() -> None:
-        agent = HostAgent(settings, LibvirtHypervisor(settings.libvirt_uri), publisher, telemetry)
+        dispatch_events_on(asyncio.get_running_loop())
+        hypervisor = LibvirtHypervisor(settings.libvirt_uri)
+        agent = HostAgent(settings, hypervisor, publisher, telemetry)
+        hypervisor.watch(agent.inventory_changed)
         state["agent"] = agent
         # Recovery first, before waiting on the bus: a VM left paused cannot wait for NATS.
         await agent.recover()

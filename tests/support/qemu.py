@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
@@ -80,7 +80,9 @@ def console_log(name: str) -> Path:
     return CONSOLE_LOG_DIR / f"{name}-console.log"
 
 
-def domain_xml(name: str, kernel: Path, initrd: Path, placement: Placement) -> str:
+def domain_xml(
+    name: str, kernel: Path, initrd: Path, placement: Placement, guest_agent: bool = True
+) -> str:
     """Domain XML of a test guest: TCG, 128 MiB, 1 vCPU, direct kernel boot, no disk.
 
     The guest agent talks over a virtio-serial channel (libvirt picks the socket path); the serial
@@ -116,14 +118,17 @@ def domain_xml(name: str, kernel: Path, initrd: Path, placement: Placement) -> s
     <console type='pty'>
       <target type='serial' port='0'/>
     </console>
-    <channel type='unix'>
-      <source mode='bind'/>
-      <target type='virtio' name='org.qemu.guest_agent.0'/>
-    </channel>
-    <controller type='usb' model='none'/>
+{_AGENT_CHANNEL if guest_agent else ""}    <controller type='usb' model='none'/>
     <memballoon model='none'/>
   </devices>
 </domain>
+"""
+
+
+_AGENT_CHANNEL = """    <channel type='unix'>
+      <source mode='bind'/>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>
 """
 
 
@@ -147,7 +152,11 @@ def _lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
 
 
 def boot_guests(
-    uri: str, names_and_placements: Mapping[str, Placement], kernel: Path, initrd: Path
+    uri: str,
+    names_and_placements: Mapping[str, Placement],
+    kernel: Path,
+    initrd: Path,
+    without_agent: Collection[str] = (),
 ) -> list[str]:
     """Define and start one guest per name; return the names in order.
 
@@ -160,7 +169,8 @@ def boot_guests(
             leftover = _lookup(conn, name)
             if leftover is not None:
                 _remove_domain(leftover)
-            conn.defineXML(domain_xml(name, kernel, initrd, placement)).create()
+            xml = domain_xml(name, kernel, initrd, placement, name not in without_agent)
+            conn.defineXML(xml).create()
     return list(names_and_placements)
 
 

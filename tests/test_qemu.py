@@ -1,0 +1,175 @@
+"""The pause window on real QEMU VMs under libvirtd: the full pipeline with guest clocks verified
+through a real guest agent, crash safety, the hard budget, and VMs paused by someone else."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from shared.client import EventWatcher, PlannerClient
+from shared.contracts import (
+    ClockSynced,
+    HostPatched,
+    MaintenanceCompleted,
+    RolloutStatus,
+    VMPaused,
+    VMResumed,
+)
+from shared.devstack import LocalStack
+from tests.conftest import QemuHost
+from tests.support.fleet import ready, start_core
+
+pytestmark = pytest.mark.qemu
+
+HOST = "qemu-1"
+
+
+def start_agent(stack: LocalStack, qemu: QemuHost, name: str = "host-agent", **env: str) -> None:
+    stack.start_service(name, "host_agent", ["--host", HOST, "--libvirt-uri", qemu.uri], **env)
+
+
+def done(rollout_id: str, states: tuple[str, ...] = ("completed", "halted")) -> object:
+    def check(w: EventWatcher) -> list[RolloutStatus]:
+        return [e for e in w.events(RolloutStatus, rollout_id=rollout_id) if e.state in states]
+
+    return check
+
+
+def processes_with(token: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if token in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+async def test_pauses_real_vms_and_syncs_their_clocks_within_50_ms(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher], qemu_host: QemuHost
+) -> None:
+    client, watcher = bus
+    start_core(stack, notifier=False)
+    start_agent(stack, qemu_host)
+    await ready(stack, client, watcher, [HOST])
+    rollout = await client.submit(
+        {"update_id": "qemu-2s", "patch": {"duration_s": 2.0}, "pause_budget_s": 10, "notice_s": 0}
+    )
+    rid = rollout["rollout_id"]
+    await watcher.wait_for(done(rid), 90, "the rollout")
+    everyone = [*qemu_host.guests, qemu_host.no_agent]
+    clocks = await watcher.wait_for(
+        lambda w: (
+            len(w.events(ClockSynced, rollout_id=rid)) == len(everyone)
+            and w.events(ClockSynced, rollout_id=rid)
+        ),
+        60,
+        "every clock result",
+    )
+    resumed = {e.vm: e for e in watcher.events(VMResumed, rollout_id=rid)}
+    assert sorted(resumed) == sorted(everyone)
+    for vm, event in resumed.items():
+        assert event.ok and not event.forced and 2000 <= event.paused_ms < 10000, (vm, event)
+    by_vm = {e.vm: e for e in clocks}
+    for vm in qemu_host.guests:
+        clock = by_vm[vm]
+        assert clock.ok and clock.method == "host-time", clock
+        # The guest clock stood still while paused, then was stepped to the host time.
+        assert clock.skew_before_ms is not None and clock.skew_before_ms <= -1500, clock
+        assert clock.skew_after_ms is not None and abs(clock.skew_after_ms) <= 50, clock
+    # No guest agent configured: ends at once, quietly, with nothing set.
+    quiet = by_vm[qemu_host.no_agent]
+    assert not quiet.ok and quiet.method == "none" and quiet.attempts == 1, quiet
+    assert set(qemu_host.states().values()) == {libvirt.VIR_DOMAIN_RUNNING}
+
+
+async def test_agent_killed_mid_window_resumes_every_vm_when_it_restarts(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher], qemu_host: QemuHost
+) -> None:
+    client, watcher = bus
+    start_core(stack, notifier=False, clock_sync=False)
+    start_agent(stack, qemu_host)
+    await ready(stack, client, watcher, [HOST])
+    rollout = await client.submit(
+        {
+            "update_id": "crash",
+            "patch": {"command": "sleep 29.1234"},
+            "pause_budget_s": 30,
+            "notice_s": 0,
+            "failure_budget": 5,
+        }
+    )
+    rid = rollout["rollout_id"]
+    everyone = [*qemu_host.guests, qemu_host.no_agent]
+    await watcher.wait_for(
+        lambda w: len(w.events(VMPaused, rollout_id=rid)) == len(everyone), 30, "the pauses"
+    )
+    stack.services["host-agent"].kill()  # kill -9 mid-window: the VMs stay paused...
+    assert set(qemu_host.states().values()) == {libvirt.VIR_DOMAIN_PAUSED}
+    assert processes_with("sleep 29.1234")  # ...and the patch, in its own session, runs on
+
+    start_agent(stack, qemu_host, "host-agent-restarted")
+
+    def all_recovered(w: EventWatcher) -> list[VMResumed]:
+        found = [e for e in w.events(VMResumed, rollout_id=rid) if e.recovered]
+        return found if len(found) == len(everyone) else []
+
+    recovered = await watcher.wait_for(all_recovered, 30, "recovery")
+    assert sorted(e.vm for e in recovered) == sorted(everyone)
+    assert all(e.ok and e.forced for e in recovered)
+    assert set(qemu_host.states().values()) == {libvirt.VIR_DOMAIN_RUNNING}
+    assert not processes_with("sleep 29.1234")  # the orphaned patch was killed
+    completed = await watcher.wait_for(
+        lambda w: w.events(MaintenanceCompleted, rollout_id=rid), 10, "the window's report"
+    )
+    assert completed[0].recovered and not completed[0].ok
+    patched = watcher.events(HostPatched, rollout_id=rid)
+    assert patched and "restarted" in (patched[0].error or "")
+
+
+async def test_hanging_patch_is_killed_and_real_vms_resume_at_the_budget(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher], qemu_host: QemuHost
+) -> None:
+    client, watcher = bus
+    start_core(stack, notifier=False, clock_sync=False)
+    start_agent(stack, qemu_host)
+    await ready(stack, client, watcher, [HOST])
+    rollout = await client.submit(
+        {"update_id": "hang", "patch": {"command": "sleep 60"}, "pause_budget_s": 2, "notice_s": 0}
+    )
+    rid = rollout["rollout_id"]
+    await watcher.wait_for(lambda w: w.events(MaintenanceCompleted, rollout_id=rid), 30, "window")
+    resumed = watcher.events(VMResumed, rollout_id=rid)
+    assert len(resumed) == len(qemu_host.guests) + 1
+    for event in resumed:
+        assert event.forced and event.ok and abs(event.paused_ms - 2000) <= 100, event
+    assert set(qemu_host.states().values()) == {libvirt.VIR_DOMAIN_RUNNING}
+
+
+async def test_a_vm_paused_by_someone_else_is_left_paused(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher], qemu_host: QemuHost
+) -> None:
+    client, watcher = bus
+    start_core(stack, notifier=False, clock_sync=False)
+    start_agent(stack, qemu_host)
+    await ready(stack, client, watcher, [HOST])
+    theirs = qemu_host.guests[-1]
+    qemu_host.domain(theirs).suspend()  # an operator's own pause, before the window
+    await asyncio.sleep(0)
+    rollout = await client.submit(
+        {"update_id": "theirs", "patch": {"duration_s": 0.2}, "notice_s": 0}
+    )
+    rid = rollout["rollout_id"]
+    completed = await watcher.wait_for(
+        lambda w: w.events(MaintenanceCompleted, rollout_id=rid), 30, "the window"
+    )
+    outcomes = {o.vm: o for o in completed[0].vms}
+    assert outcomes[theirs].outcome == "skipped" and "paused" in (outcomes[theirs].detail or "")
+    assert theirs not in {e.vm for e in watcher.events(VMResumed, rollout_id=rid)}
+    states = qemu_host.states()
+    assert states.pop(theirs) == libvirt.VIR_DOMAIN_PAUSED  # not resumed by us
+    assert set(states.values()) == {libvirt.VIR_DOMAIN_RUNNING}
