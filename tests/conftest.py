@@ -104,7 +104,7 @@ class QemuHost:
             conn.close()
 
 
-QEMU_GUESTS = {
+QEMU_GUESTS: dict[str, qemu.Placement] = {
     "pp-qt-1": {"availability_set": "web", "update_domain": 0, "ip": "127.0.2.1"},
     "pp-qt-2": {"availability_set": "web", "update_domain": 0, "ip": "127.0.2.2"},
     "pp-qt-3": {"availability_set": "db", "update_domain": 1, "ip": "127.0.2.3"},

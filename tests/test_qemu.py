@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
@@ -31,7 +32,7 @@ def start_agent(stack: LocalStack, qemu: QemuHost, name: str = "host-agent", **e
     stack.start_service(name, "host_agent", ["--host", HOST, "--libvirt-uri", qemu.uri], **env)
 
 
-def done(rollout_id: str, states: tuple[str, ...] = ("completed", "halted")) -> object:
+def done(rollout_id: str, states: tuple[str, ...] = ("completed", "halted")) -> Any:
     def check(w: EventWatcher) -> list[RolloutStatus]:
         return [e for e in w.events(RolloutStatus, rollout_id=rollout_id) if e.state in states]
 
