@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shared.client import EventWatcher, connect
 from shared.contracts import MaintenanceCompleted, MaintenanceStarted, PatchSpec
-from shared.devstack import LocalStack, SimVM, temp_workdir, test_node_xml
+from shared.devstack import LocalStack, SimVM, temp_workdir, sim_node_xml
 from shared.placement import Placement
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -213,7 +213,7 @@ def main() -> None:
     with temp_workdir("pausepatch-bench-") as workdir:
         vms = [SimVM(f"vm-{i:02d}", f"set-{i % 4}", 0) for i in range(32)]
         node = workdir / "node.xml"
-        node.write_text(test_node_xml(vms))
+        node.write_text(sim_node_xml(vms))
         uri = f"test://{node}"
         rows.append(
             bench_hypervisor(

@@ -212,7 +212,7 @@ class SimVM:
     running: bool = True
 
 
-def test_node_xml(vms: list[SimVM]) -> str:
+def sim_node_xml(vms: list[SimVM]) -> str:
     """A libvirt test-driver node document (`test:///path/node.xml`) holding `vms`, each with its
     placement in `<metadata>` under the project's namespace."""
     parts = ["<node>"]
@@ -290,7 +290,7 @@ class LocalStack:
         """A simulated host: a test-driver node file and its host-agent."""
         node = self.workdir / "nodes" / f"{host}.xml"
         node.parent.mkdir(parents=True, exist_ok=True)
-        node.write_text(test_node_xml(vms))
+        node.write_text(sim_node_xml(vms))
         return self.start_service(
             f"host-agent-{host}",
             "host_agent",

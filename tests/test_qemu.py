@@ -4,6 +4,7 @@ through a real guest agent, crash safety, the hard budget, and VMs paused by som
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,17 @@ import pytest
 from shared.client import EventWatcher, PlannerClient
 from shared.contracts import (
     ClockSynced,
+    HostInventory,
     HostPatched,
     MaintenanceCompleted,
     RolloutStatus,
     VMPaused,
     VMResumed,
+    utcnow,
 )
 from shared.devstack import LocalStack
 from tests.conftest import QemuHost
+from tests.support import qemu
 from tests.support.fleet import ready, start_core
 
 pytestmark = pytest.mark.qemu
@@ -174,3 +178,56 @@ async def test_a_vm_paused_by_someone_else_is_left_paused(
     states = qemu_host.states()
     assert states.pop(theirs) == libvirt.VIR_DOMAIN_PAUSED  # not resumed by us
     assert set(states.values()) == {libvirt.VIR_DOMAIN_RUNNING}
+
+
+async def test_inventory_follows_vm_state_changes_without_polling(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher], qemu_host: QemuHost
+) -> None:
+    client, watcher = bus
+    start_core(stack, notifier=False, clock_sync=False)
+    # A heartbeat of ten minutes: only libvirt's domain events can explain a prompt update.
+    start_agent(stack, qemu_host, PP_HEARTBEAT_S="600")
+    await ready(stack, client, watcher, [HOST])
+    vm = qemu_host.guests[0]
+    qemu_host.domain(vm).suspend()
+    try:
+
+        def shows(state: str) -> Any:
+            def check(w: EventWatcher) -> bool:
+                inventories = w.events(HostInventory, host=HOST)
+                return bool(inventories) and any(
+                    v.vm == vm and v.state == state for v in inventories[-1].vms
+                )
+
+            return check
+
+        await watcher.wait_for(shows("paused"), 10, "an inventory with the VM paused")
+    finally:
+        qemu_host.domain(vm).resume()
+    await watcher.wait_for(shows("running"), 10, "an inventory with the VM running again")
+
+
+async def test_clock_sync_retries_until_a_booting_guest_agent_answers(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher], qemu_host: QemuHost
+) -> None:
+    client, watcher = bus
+    start_core(stack, notifier=False)
+    start_agent(stack, qemu_host)
+    await ready(stack, client, watcher, [HOST])
+    kernel, initrd = qemu.build_guest()
+    late = "pp-qt-late"
+    qemu.boot_guests(qemu_host.uri, {late: {}}, kernel, initrd)
+    try:
+        # Resumed while its guest agent is still booting: "agent unresponsive" for seconds.
+        now = utcnow()
+        resumed = VMResumed(
+            host=HOST, vm=late, paused_at=now, resumed_at=now, paused_ms=0, budget_ms=0
+        )
+        await client.nc.jetstream().publish(
+            resumed.subject(), json.dumps(resumed.to_json()).encode()
+        )
+        synced = await watcher.wait_for(lambda w: w.events(ClockSynced, vm=late), 90, "the sync")
+        assert synced[0].ok and synced[0].attempts > 1, synced[0]
+        assert synced[0].skew_after_ms is not None and abs(synced[0].skew_after_ms) <= 50
+    finally:
+        qemu.destroy_guests(qemu_host.uri, late)
