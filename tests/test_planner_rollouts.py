@@ -178,7 +178,12 @@ async def test_planner_killed_mid_rollout_finishes_it_with_each_host_patched_onc
     start_fleet(stack)
     await ready(stack, client, watcher, HOSTS)
     rollout = await client.submit(
-        {"update_id": "crash", "patch": {"duration_s": 1.0}, "notice_s": 0.5, "max_hosts_in_flight": 2}
+        {
+            "update_id": "crash",
+            "patch": {"duration_s": 1.0},
+            "notice_s": 0.5,
+            "max_hosts_in_flight": 2,
+        }
     )
     rid = rollout["rollout_id"]
     await watcher.wait_for(lambda w: w.events(MaintenanceStarted, rollout_id=rid), 30, "a start")
@@ -257,7 +262,9 @@ async def test_refuses_a_pause_budget_above_30_seconds_with_a_clear_error(
     await ready(stack, client, watcher, HOSTS[:1])
     with pytest.raises(CommandError) as refused:
         await client.submit({"update_id": "long", "patch": {"duration_s": 1}, "pause_budget_s": 45})
-    assert refused.value.error == "invalid-request" and "pause_budget_s" in str(refused.value.detail)
+    assert refused.value.error == "invalid-request" and "pause_budget_s" in str(
+        refused.value.detail
+    )
 
 
 async def test_a_host_that_disappears_is_skipped_and_reported(
@@ -287,7 +294,9 @@ async def test_abort_cancels_the_events_not_started(
     start_core(stack, notifier=False, clock_sync=False)
     start_fleet(stack, HOSTS[:2])
     await ready(stack, client, watcher, HOSTS[:2])
-    rollout = await client.submit({"update_id": "later", "patch": {"duration_s": 0.1}, "notice_s": 600})
+    rollout = await client.submit(
+        {"update_id": "later", "patch": {"duration_s": 0.1}, "notice_s": 600}
+    )
     rid = rollout["rollout_id"]
     planned = await watcher.wait_for(lambda w: w.events(MaintenancePlanned, rollout_id=rid), 20)
     await client.abort(rid, "change freeze")
