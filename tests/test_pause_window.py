@@ -1,0 +1,128 @@
+"""The pause window on libvirt's test driver, in-process: what happens to each VM, the journal,
+recovery, and the Reboot path (same window, shutdown/start instead of suspend/resume)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import libvirt
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.trace import TracerProvider
+
+from services.host_agent.journal import JournalEntry, PauseJournal
+from services.host_agent.libvirt_hypervisor import LibvirtHypervisor
+from services.host_agent.pause_window import PauseWindow, WindowRequest
+from shared.contracts import Event, PatchSpec, VMInfo, VMPaused, VMResumed
+from shared.devstack import SimVM, sim_node_xml
+
+VMS = [SimVM("a", "web", 0), SimVM("b", "web", 0), SimVM("c", None), SimVM("off", running=False)]
+
+
+class VanishingHypervisor(LibvirtHypervisor):
+    """The test driver, with one VM destroyed right after the window lists the VMs (a VM that
+    goes away between listing and suspend)."""
+
+    vanishing: str | None = None
+
+    def list_vms(self) -> tuple[list[VMInfo], list[str]]:
+        listed = super().list_vms()
+        if self.vanishing:
+            dom = self.connection.lookupByName(self.vanishing)
+            dom.destroy()
+            dom.undefine()
+            self.vanishing = None
+        return listed
+
+
+@pytest.fixture
+def hv(tmp_path: Path) -> VanishingHypervisor:
+    node = tmp_path / "node.xml"
+    node.write_text(sim_node_xml(VMS))
+    return VanishingHypervisor(f"test://{node}")
+
+
+def window(hv: LibvirtHypervisor, journal: PauseJournal, events: list[Event]) -> PauseWindow:
+    return PauseWindow(
+        "h1",
+        hv,
+        journal,
+        events.append,
+        TracerProvider().get_tracer("test"),
+        MeterProvider().get_meter("test"),
+        lanes=1,
+    )
+
+
+def request(patch: PatchSpec, event_type: str = "Freeze", budget_s: float = 5) -> WindowRequest:
+    return WindowRequest("r1", uuid.uuid4(), event_type, patch, budget_s)  # type: ignore[arg-type]
+
+
+async def test_a_vm_that_disappears_is_reported_and_the_others_resume(
+    hv: VanishingHypervisor, tmp_path: Path
+) -> None:
+    events: list[Event] = []
+    hv.vanishing = "b"
+    result = await window(hv, PauseJournal(tmp_path / "j.json"), events).run(
+        request(PatchSpec(duration_s=0.05))
+    )
+    outcomes = {o.vm: o for o in result.vms}
+    assert outcomes["b"].outcome == "failed" and "not stopped" in (outcomes["b"].detail or "")
+    assert outcomes["a"].outcome == outcomes["c"].outcome == "resumed"
+    assert outcomes["off"].outcome == "skipped"  # shut off before the window: left alone
+    assert not result.ok and "b:" in (result.error or "")
+    assert hv.state("a") == hv.state("c") == "running" and hv.state("off") == "shutoff"
+    assert sorted(e.vm for e in events if isinstance(e, VMResumed)) == ["a", "c"]
+
+
+async def test_journal_is_on_disk_before_the_first_suspend_and_gone_after(
+    hv: VanishingHypervisor, tmp_path: Path
+) -> None:
+    journal = PauseJournal(tmp_path / "j.json")
+    copy = tmp_path / "seen-during-patch.json"
+    events: list[Event] = []
+    # The patch runs with every VM paused: it copies the journal as it is at that moment.
+    result = await window(hv, journal, events).run(
+        request(PatchSpec(command=f"cp {journal.path} {copy}"))
+    )
+    assert result.ok
+    seen = json.loads(copy.read_text())
+    assert seen["vms"] == ["a", "b", "c"] and seen["rollout_id"] == "r1"
+    assert journal.load() is None  # closed: every VM runs again
+    paused = [e for e in events if isinstance(e, VMPaused)]
+    assert len(paused) == 3
+
+
+async def test_recovery_resumes_only_what_the_journal_says_we_paused(
+    hv: VanishingHypervisor, tmp_path: Path
+) -> None:
+    journal = PauseJournal(tmp_path / "j.json")
+    hv.suspend("a")  # ours, as a crashed agent left it
+    hv.suspend("c")  # someone else's
+    journal.record(JournalEntry("r1", str(uuid.uuid4()), "Freeze", ["a", "b"], time.time(), 5))
+    events: list[Event] = []
+    completed = await window(hv, journal, events).recover()
+    assert completed is not None and completed.recovered and not completed.ok
+    assert hv.state("a") == "running" and hv.state("c") == "paused"
+    resumed = [e for e in events if isinstance(e, VMResumed)]
+    assert sorted(e.vm for e in resumed) == ["a", "b"] and all(e.recovered for e in resumed)
+    assert journal.load() is None
+
+
+async def test_reboot_maintenance_shuts_vms_down_and_starts_them_again(
+    hv: VanishingHypervisor, tmp_path: Path
+) -> None:
+    conn = hv.connection
+    events: list[Event] = []
+    states_during_patch = tmp_path / "states"
+    result = await window(hv, PauseJournal(tmp_path / "j.json"), events).run(
+        request(PatchSpec(command=f"echo $PP_EVENT_TYPE $PP_VMS > {states_during_patch}"), "Reboot")
+    )
+    assert result.ok and result.event_type == "Reboot"
+    assert states_during_patch.read_text().split() == ["Reboot", "a", "b", "c"]
+    for name in ("a", "b", "c"):
+        assert conn.lookupByName(name).state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    assert {o.outcome for o in result.vms if o.vm != "off"} == {"resumed"}
