@@ -1,0 +1,92 @@
+"""The bus contract: names, subjects, envelopes, and what readers accept or refuse."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from pydantic import ValidationError
+
+from shared import subjects
+from shared.contracts import (
+    EVENT_TYPES,
+    InvalidMessage,
+    MaintenanceStarted,
+    PatchSpec,
+    RolloutSubmit,
+    VMPaused,
+    VMResumed,
+    parse_event,
+    utcnow,
+)
+
+
+@pytest.mark.parametrize("name", ["h1", "web-01", "db_2", "A" * 128])
+def test_accepts_names_that_are_one_subject_token(name: str) -> None:
+    assert VMPaused(host=name, vm=name, paused_at=utcnow()).subject().count(".") == 5
+
+
+@pytest.mark.parametrize("name", ["", "a.b", "a*", ">", "a b", "-lead", "é", "A" * 129])
+def test_rejects_names_that_cannot_be_a_subject_token(name: str) -> None:
+    with pytest.raises(ValidationError):
+        VMPaused(host=name, vm="vm", paused_at=utcnow())
+
+
+def test_every_event_knows_its_type_and_subject() -> None:
+    now = utcnow()
+    paused = VMPaused(host="h1", vm="a", paused_at=now)
+    assert paused.type == "VMPaused" and paused.subject() == subjects.vm_paused("h1", "a")
+    assert subjects.vm_paused() == "pp.evt.vm.*.*.paused"
+    assert set(EVENT_TYPES) >= {
+        "HostInventory", "MaintenancePlanned", "MaintenanceApproved", "MaintenanceStarted",
+        "VMPaused", "HostPatched", "VMResumed", "ClockSynced", "RolloutStatus",
+    }  # fmt: skip
+
+
+def test_envelope_has_id_and_utc_time_and_ignores_unknown_fields() -> None:
+    body = VMPaused(host="h1", vm="a", paused_at=utcnow()).to_json()
+    body["from_the_future"] = 1
+    event = parse_event(body, (VMPaused,), subjects.vm_paused("h1", "a"))
+    assert isinstance(event, VMPaused) and isinstance(event.event_id, uuid.UUID)
+    assert (
+        event.occurred_at.utcoffset() is not None
+        and event.occurred_at.utcoffset().total_seconds() == 0
+    )
+
+
+def test_readers_refuse_unknown_types_and_events_on_someone_elses_subject() -> None:
+    body = VMPaused(host="h1", vm="a", paused_at=utcnow()).to_json()
+    with pytest.raises(InvalidMessage, match="arrived on"):
+        parse_event(body, (VMPaused,), subjects.vm_paused("h2", "a"))
+    with pytest.raises(InvalidMessage, match="unknown event type"):
+        parse_event({**body, "type": "VMExploded"}, (VMPaused,))
+    assert parse_event(body, (VMResumed,)) is None  # known type, not wanted here
+    with pytest.raises(ValidationError):
+        parse_event({**body, "paused_at": "yesterday"}, (VMPaused,))
+
+
+def test_a_patch_is_a_command_or_a_duration_never_both() -> None:
+    assert PatchSpec(command="apt-get upgrade -y qemu").describe().startswith("command")
+    with pytest.raises(ValidationError):
+        PatchSpec()
+    with pytest.raises(ValidationError):
+        PatchSpec(command="x", duration_s=1)
+
+
+def test_pause_budget_is_at_most_30_seconds() -> None:
+    with pytest.raises(ValidationError, match="pause_budget_s"):
+        RolloutSubmit(update_id="u", patch=PatchSpec(duration_s=1), pause_budget_s=31)
+    with pytest.raises(ValidationError):
+        MaintenanceStarted(
+            host="h1",
+            rollout_id="r",
+            scheduled_event_id=uuid.uuid4(),
+            patch=PatchSpec(duration_s=1),
+            pause_budget_s=45,
+        )
+    defaults = RolloutSubmit(update_id="u", patch=PatchSpec(duration_s=1))
+    assert (
+        defaults.pause_budget_s == 30
+        and defaults.notice_s == 15 * 60
+        and defaults.impact == "freeze"
+    )
