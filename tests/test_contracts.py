@@ -48,10 +48,8 @@ def test_envelope_has_id_and_utc_time_and_ignores_unknown_fields() -> None:
     body["from_the_future"] = 1
     event = parse_event(body, (VMPaused,), subjects.vm_paused("h1", "a"))
     assert isinstance(event, VMPaused) and isinstance(event.event_id, uuid.UUID)
-    assert (
-        event.occurred_at.utcoffset() is not None
-        and event.occurred_at.utcoffset().total_seconds() == 0
-    )
+    offset = event.occurred_at.utcoffset()
+    assert offset is not None and offset.total_seconds() == 0
 
 
 def test_readers_refuse_unknown_types_and_events_on_someone_elses_subject() -> None:
