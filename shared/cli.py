@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -16,10 +17,11 @@ from rich.table import Table
 
 from shared.client import CommandError, PlannerClient, connect
 from shared.contracts import DEFAULT_NOTICE_S, MAX_PAUSE_BUDGET_S
+from shared.jaeger import parse_since
 
 # Reports are wide: keep them readable when piped or logged (no terminal to measure).
 console = Console(width=None if sys.stdout.isatty() else 140)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 FINAL_STATES = ("completed", "aborted", "failed")
 
@@ -204,6 +206,8 @@ async def run(args: argparse.Namespace) -> int:
         from shared.demo import run_demo
 
         return await run_demo()
+    if args.command == "trace":
+        return await run_trace(args)
     nc = await connect(args.nats_url)
     try:
         client = PlannerClient(nc)
@@ -219,10 +223,39 @@ async def run(args: argparse.Namespace) -> int:
                 print(json.dumps(report, indent=2))
             else:
                 print_report(report)
+            if args.plot:
+                from shared.report_plot import render_timeline
+
+                render_timeline(report, Path(args.plot))
+                err.print(f"timeline written to {args.plot}")
         elif args.command == "rollout":
             return await run_rollout(client, args)
     finally:
         await nc.close()
+    return 0
+
+
+async def run_trace(args: argparse.Namespace) -> int:
+    """`pausepatch trace ROLLOUT|HOST`: the pause traces from Jaeger, as span trees."""
+    import httpx
+
+    from shared.jaeger import JaegerClient, JaegerError, pause_traces, render_tree
+
+    client = JaegerClient(args.jaeger)
+    try:
+        traces = await pause_traces(client, args.target, args.since, args.limit)
+    except (httpx.HTTPError, JaegerError) as exc:
+        err.print(f"[red]error[/]: cannot read traces from Jaeger at {args.jaeger}: {exc}")
+        return 3
+    finally:
+        await client.close()
+    if not traces:
+        err.print(f"no pause traces of {args.target} in Jaeger at {args.jaeger}")
+        return 1
+    for trace in traces:
+        for line in render_tree(trace):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        console.print()
     return 0
 
 
@@ -269,7 +302,21 @@ def parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="per host and per VM pause report of a rollout")
     report.add_argument("rollout_id")
     report.add_argument("--json", action="store_true")
+    report.add_argument(
+        "--plot", metavar="FILE", help="also draw the timeline into FILE (.png, .svg or .pdf)"
+    )
     sub.add_parser("demo", help="run the embedded demo (own nats-server, 3 simulated hosts)")
+    trace = sub.add_parser("trace", help="the pause traces of a rollout or a host, from Jaeger")
+    trace.add_argument("target", metavar="ROLLOUT|HOST", help="a rollout id or a host name")
+    trace.add_argument(
+        "--jaeger",
+        default=os.environ.get("PP_JAEGER_URL", "http://127.0.0.1:16686"),
+        help="Jaeger's query address (env PP_JAEGER_URL)",
+    )
+    trace.add_argument(
+        "--since", type=parse_since, default="24h", help="how far back (e.g. 30m, 24h, 7d)"
+    )
+    trace.add_argument("--limit", type=int, default=100, help="traces per host at most")
 
     rollout = sub.add_parser("rollout", help="submit and operate rollouts")
     actions = rollout.add_subparsers(dest="action", required=True)

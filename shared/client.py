@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
 import nats
 from nats.aio.client import Client
@@ -16,6 +18,8 @@ from nats.js.api import DeliverPolicy
 
 from shared import subjects
 from shared.contracts import EVENT_TYPES, Event
+
+log = logging.getLogger(__name__)
 
 
 class CommandError(Exception):
@@ -28,8 +32,14 @@ class CommandError(Exception):
 
 
 async def connect(url: str, user: str | None = None, password: str | None = None) -> Client:
-    """A plain NATS connection (`url` may list several servers, comma-separated)."""
+    """A plain NATS connection (`url` may list several servers, comma-separated) that reconnects
+    for ever once up, but fails at once (OSError) when no server can be reached at all."""
     servers = [u.strip() for u in url.split(",") if u.strip()]
+    await _any_reachable(servers)
+
+    async def quiet(exc: Exception) -> None:
+        log.debug("nats: %s", exc)
+
     return await nats.connect(
         servers=servers,
         user=user,
@@ -38,7 +48,25 @@ async def connect(url: str, user: str | None = None, password: str | None = None
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         connect_timeout=3,
+        error_cb=quiet,
     )
+
+
+async def _any_reachable(servers: list[str], timeout: float = 3.0) -> None:
+    errors = []
+    for server in servers:
+        parsed = urlparse(server if "://" in server else f"nats://{server}")
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(parsed.hostname or "127.0.0.1", parsed.port or 4222),
+                timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            errors.append(f"{server}: {exc or type(exc).__name__}")
+            continue
+        writer.close()
+        return
+    raise OSError("; ".join(errors))
 
 
 class PlannerClient:
