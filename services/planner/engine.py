@@ -412,6 +412,7 @@ class RolloutEngine:
 
     async def advance(self) -> None:
         """Move every running rollout forward: notice, start, time out, next wave."""
+        await self.store.flush()  # anything a failed write left marked
         for rollout in list(self.rollouts.values()):
             if rollout.state in ("running", "halted"):
                 with log_context(rollout=rollout.rollout_id):

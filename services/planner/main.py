@@ -90,8 +90,16 @@ def build_app(settings: PlannerSettings) -> FastStream:
     def engine() -> RolloutEngine:
         return state["engine"]  # type: ignore[no-any-return]
 
-    async def apply(handler: Callable[[RolloutEngine], Awaitable[None]]) -> None:
-        async with lock:
+    async def apply(
+        handler: Callable[[RolloutEngine], Awaitable[None]], exclusive: bool = True
+    ) -> None:
+        # Per-VM records touch one host's record only: they run concurrently, so that their
+        # KV writes are gathered. What moves a rollout (completions, approvals) is serialized
+        # with the ticker and the commands.
+        if exclusive:
+            async with lock:
+                await handler(engine())
+        else:
             await handler(engine())
         wake.set()
 
@@ -217,15 +225,15 @@ def build_app(settings: PlannerSettings) -> FastStream:
 
     @durable("paused", subjects.vm_paused(), "VM pauses.")
     async def on_paused(event: VMPaused) -> None:
-        await apply(lambda e: e.on_paused(event))
+        await apply(lambda e: e.on_paused(event), exclusive=False)
 
     @durable("patched", subjects.host_patched(), "Patch results.")
     async def on_patched(event: HostPatched) -> None:
-        await apply(lambda e: e.on_patched(event))
+        await apply(lambda e: e.on_patched(event), exclusive=False)
 
     @durable("resumed", subjects.vm_resumed(), "VM resumes.")
     async def on_resumed(event: VMResumed) -> None:
-        await apply(lambda e: e.on_resumed(event))
+        await apply(lambda e: e.on_resumed(event), exclusive=False)
 
     @durable("completed", subjects.host_completed(), "Host windows closed.")
     async def on_completed(event: MaintenanceCompleted) -> None:
@@ -233,7 +241,7 @@ def build_app(settings: PlannerSettings) -> FastStream:
 
     @durable("clock", subjects.vm_clock(), "Clock sync results.")
     async def on_clock(event: ClockSynced) -> None:
-        await apply(lambda e: e.on_clock(event))
+        await apply(lambda e: e.on_clock(event), exclusive=False)
 
     # ---------------------------------------------------------------- lifecycle
 

@@ -6,6 +6,7 @@ One key per rollout (`r.<id>`: the request, the plan, counters) and one per host
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from datetime import datetime
@@ -122,11 +123,21 @@ def new_rollout_id() -> str:
 
 
 class RolloutStore:
-    """Rollouts in a KV bucket; every write is a compare-and-set on the last revision we saw."""
+    """Rollouts in a KV bucket; every write is a compare-and-set on the last revision we saw.
+
+    Writes are gathered: a save marks the record and waits for the next flush, which writes every
+    record marked meanwhile once (its latest state) — concurrent handlers share one round of
+    writes, and each handler still returns (and its message is acknowledged) only once its change
+    is stored.
+    """
 
     def __init__(self, kv: Any) -> None:
         self.kv = kv
         self._revisions: dict[str, int] = {}
+        self._dirty: dict[str, BaseModel] = {}
+        self._pending: asyncio.Future[None] | None = None
+        self._lock = asyncio.Lock()
+        self.writes = 0
 
     @staticmethod
     def rollout_key(rollout_id: str) -> str:
@@ -139,12 +150,39 @@ class RolloutStore:
         return f"h.{rollout_id}.{host}"
 
     async def _put(self, key: str, value: BaseModel) -> None:
+        self._dirty[key] = value
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write what is marked (waiting for the flush already under way, if any)."""
+        if not self._dirty and self._pending is None:
+            return
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._flush())
+        await asyncio.shield(self._pending)
+
+    async def _flush(self) -> None:
+        async with self._lock:
+            await asyncio.sleep(0)  # what concurrent handlers mark in this turn joins the batch
+            self._pending = None
+            batch, self._dirty = self._dirty, {}
+            results = await asyncio.gather(
+                *(self._write(key, value) for key, value in batch.items()), return_exceptions=True
+            )
+        failed = [(k, r) for k, r in zip(batch, results, strict=True) if isinstance(r, Exception)]
+        for key, _ in failed:
+            self._dirty.setdefault(key, batch[key])  # written again by the next flush
+        if failed:
+            raise failed[0][1]
+
+    async def _write(self, key: str, value: BaseModel) -> None:
         data = value.model_dump_json().encode()
         last = self._revisions.get(key)
         if last is None:
             self._revisions[key] = await self.kv.create(key, data)
         else:
             self._revisions[key] = await self.kv.update(key, data, last=last)
+        self.writes += 1
 
     async def save_rollout(self, rollout: Rollout) -> None:
         """Write a rollout's summary (CAS)."""
