@@ -35,6 +35,7 @@ DUPLICATE_WINDOW_S = 120.0
 """JetStream de-duplication window on `Nats-Msg-Id`: a retried publish inside it is stored once."""
 
 DLQ_STREAM_NAME = "PAUSEPATCH_DLQ"
+DLQ_COPY_BYTES = 64 * 1024
 
 
 def events_stream(declare: bool, replicas: int = 1) -> JStream:
@@ -121,7 +122,7 @@ def make_broker(service: str, settings: BusSettings, telemetry: Telemetry) -> Na
                 tracer_provider=telemetry.tracer_provider,
                 meter_provider=telemetry.meter_provider,
             ),
-            DeadLetter.factory(service, telemetry),
+            DeadLetter.factory(service, telemetry, settings.max_message_bytes),
         ],
         description=f"pausepatch {service}",
     )
@@ -145,19 +146,27 @@ class DeadLetter(BaseMiddleware):  # type: ignore[type-arg]
 
     service: str = ""
     counter: Any = None
+    max_bytes: int = 512 * 1024
 
     @classmethod
-    def factory(cls, service: str, telemetry: Telemetry) -> type[DeadLetter]:
+    def factory(cls, service: str, telemetry: Telemetry, max_bytes: int) -> type[DeadLetter]:
         """A middleware class bound to one service."""
         counter = telemetry.meter("pausepatch").create_counter(
             "pp.dlq.messages", description="Messages dead-lettered"
         )
-        return type(f"DeadLetter_{service}", (cls,), {"service": service, "counter": counter})
+        return type(
+            f"DeadLetter_{service}",
+            (cls,),
+            {"service": service, "counter": counter, "max_bytes": max_bytes},
+        )
 
     async def consume_scope(
         self, call_next: Callable[[StreamMessage[Any]], Awaitable[Any]], msg: StreamMessage[Any]
     ) -> Any:
+        size = len(msg.body) if isinstance(msg.body, bytes | bytearray) else 0
         try:
+            if size > self.max_bytes:
+                raise InvalidMessage(f"oversized: {size} bytes, more than {self.max_bytes}")
             return await call_next(msg)
         except ValidationError as exc:
             reason = _validation_reason(exc)
@@ -178,7 +187,10 @@ class DeadLetter(BaseMiddleware):  # type: ignore[type-arg]
             "subject": subject,
             "reason": reason,
             "received_at": utcnow().isoformat(),
-            "original_b64": base64.b64encode(raw).decode(),
+            "size": len(raw),
+            # The copy must fit in one NATS message: an oversized original is cut.
+            "truncated": len(raw) > DLQ_COPY_BYTES,
+            "original_b64": base64.b64encode(raw[:DLQ_COPY_BYTES]).decode(),
         }
         log.warning("dead-lettered a message on %s: %s", subject, reason)
         self.counter.add(1, {"service": self.service, "subject": subject})

@@ -27,6 +27,8 @@ class BusSettings(BaseSettings):
     log_format: str = "auto"
     """auto (JSON when stderr is not a terminal), json or text."""
     log_level: str = "INFO"
+    max_message_bytes: int = 512 * 1024
+    """Larger input is dead-lettered as oversized (NATS itself refuses more than 1 MiB)."""
 
     @property
     def nats_servers(self) -> list[str]:

@@ -9,22 +9,38 @@ others) and reports `ClockSynced`.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from faststream import FastStream
 from faststream.middlewares import AckPolicy
 from faststream.nats import NatsMessage, PullSub
 from nats.errors import NoRespondersError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from pydantic import ValidationError
 
-from services.clock_sync.sync import decide
+from services.clock_sync.sync import decide, result_id
 from shared import subjects
-from shared.bus import EventPublisher, events_stream, make_app, make_broker, wait_for_stream
-from shared.contracts import ClockAction, ClockReading, ClockSynced, VMResumed
+from shared.bus import (
+    EventPublisher,
+    events_stream,
+    key_value,
+    make_app,
+    make_broker,
+    wait_for_stream,
+)
+from shared.contracts import (
+    ClockAction,
+    ClockReading,
+    ClockSynced,
+    VMResumed,
+    ensure_on_subject,
+)
 from shared.logs import log_context, setup_logging
 from shared.settings import BusSettings
 from shared.telemetry import setup_telemetry
 
 SERVICE = "clock-sync"
+DONE_BUCKET = "pp_clock_done"
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +54,8 @@ class ClockSyncSettings(BusSettings):
     clock_max_skew_ms: float = 50.0
     """A sync whose verified skew is above this is retried."""
     clock_request_timeout_s: float = 5.0
+    clock_dedup_ttl_s: float = 24 * 3600.0
+    """How long a synced resume is remembered (a replayed event within it changes nothing)."""
 
 
 def build_app(settings: ClockSyncSettings) -> FastStream:
@@ -46,6 +64,7 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
     telemetry = setup_telemetry(SERVICE)
     broker = make_broker(SERVICE, settings, telemetry)
     publisher = EventPublisher(broker)
+    state: dict[str, Any] = {}
 
     @broker.subscriber(
         subjects.vm_resumed(),
@@ -57,11 +76,18 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
         description="Set the clock of every resumed VM.",
     )
     async def on_resumed(event: VMResumed, msg: NatsMessage) -> None:
+        ensure_on_subject(event, msg.raw_message.subject)
         attempt = msg.raw_message.metadata.num_delivered or 1
+        done = state["done"]
+        key = str(event.event_id)
         with log_context(rollout=event.rollout_id, host=event.host, vm=event.vm):
+            if await _seen(done, key):
+                log.info("resume %s already synced: ignoring the duplicate", key)
+                return
             if not event.ok:
                 await publisher.publish(
                     ClockSynced(
+                        event_id=result_id(event),
                         host=event.host,
                         vm=event.vm,
                         rollout_id=event.rollout_id,
@@ -71,6 +97,7 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
                         error="VM was not resumed",
                     )
                 )
+                await done.put(key, b"1")
                 return
             reading, failure = await ask_agent(event)
             decision = decide(
@@ -87,6 +114,7 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
                 await msg.nack(delay=decision.retry_in_s)
                 return
             await publisher.publish(decision.event)
+            await done.put(key, b"1")
             log.info(
                 "clock %s: skew before %s ms, after %s ms",
                 "synced" if decision.event.ok else "NOT synced",
@@ -113,6 +141,9 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
     async def startup() -> None:
         await broker.connect()
         await wait_for_stream(broker)
+        state["done"] = await key_value(
+            broker, DONE_BUCKET, settings.stream_replicas, ttl=settings.clock_dedup_ttl_s
+        )
 
     @app.on_shutdown
     async def shutdown() -> None:
@@ -120,6 +151,14 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
         telemetry.shutdown()
 
     return app
+
+
+async def _seen(done: Any, key: str) -> bool:
+    try:
+        entry = await done.get(key)
+    except (KeyNotFoundError, KeyDeletedError):
+        return False
+    return entry.value is not None
 
 
 def _ms(value: float | None) -> str:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 from shared.contracts import ClockReading, ClockSynced, VMResumed
+
+
+def result_id(resumed: VMResumed) -> uuid.UUID:
+    """The `ClockSynced` of one resume always has the same id: two replicas (or a redelivery)
+    publishing it are stored once by JetStream's de-duplication."""
+    return uuid.uuid5(resumed.event_id, "clock-synced")
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,7 @@ def decide(
     def result(ok: bool, error: str | None) -> Decision:
         return Decision(
             ClockSynced(
+                event_id=result_id(resumed),
                 host=resumed.host,
                 vm=resumed.vm,
                 rollout_id=resumed.rollout_id,

@@ -8,13 +8,13 @@ import sys
 
 from faststream import FastStream
 from faststream.middlewares import AckPolicy
-from faststream.nats import PullSub
+from faststream.nats import NatsMessage, PullSub
 
 from services.host_agent.agent import HostAgent, HostAgentSettings
 from services.host_agent.libvirt_hypervisor import LibvirtHypervisor, dispatch_events_on
 from shared import subjects
 from shared.bus import EventPublisher, events_stream, make_app, make_broker, wait_for_stream
-from shared.contracts import ClockAction, MaintenanceStarted
+from shared.contracts import ClockAction, MaintenanceStarted, ensure_on_subject
 from shared.logs import setup_logging
 from shared.telemetry import setup_telemetry
 
@@ -42,7 +42,8 @@ def build_app(settings: HostAgentSettings) -> FastStream:
         title=f"{subjects.host_started('{host}')}:host-agent",
         description="Run the maintenance window of this host.",
     )
-    async def on_started(event: MaintenanceStarted) -> None:
+    async def on_started(event: MaintenanceStarted, msg: NatsMessage) -> None:
+        ensure_on_subject(event, msg.raw_message.subject)
         await state["agent"].on_started(event)
 
     @broker.subscriber(

@@ -15,7 +15,7 @@ from typing import Any
 
 from faststream import FastStream
 from faststream.middlewares import AckPolicy
-from faststream.nats import DeliverPolicy, PullSub
+from faststream.nats import DeliverPolicy, NatsMessage, PullSub
 from pydantic import Field
 
 from services.planner.engine import RequestError, RolloutEngine
@@ -41,6 +41,7 @@ from shared.contracts import (
     RolloutSubmit,
     VMPaused,
     VMResumed,
+    ensure_on_subject,
 )
 from shared.logs import setup_logging
 from shared.settings import BusSettings
@@ -212,35 +213,43 @@ def build_app(settings: PlannerSettings) -> FastStream:
         title="pp.evt.host.*.inventory:planner",
         description="The fleet inventory (the last one of every host, then every new one).",
     )
-    async def on_inventory(event: HostInventory) -> None:
+    async def on_inventory(event: HostInventory, msg: NatsMessage) -> None:
+        ensure_on_subject(event, msg.raw_message.subject)
         engine().on_inventory(event)
 
     @durable("approved", subjects.host_approved(), "VM approvals (start a wave early).")
-    async def on_approved(event: MaintenanceApproved) -> None:
+    async def on_approved(event: MaintenanceApproved, msg: NatsMessage) -> None:
+        ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_approved(event))
 
     @durable("deferred", subjects.host_deferred(), "VM requests to postpone.")
-    async def on_deferred(event: MaintenanceDeferred) -> None:
+    async def on_deferred(event: MaintenanceDeferred, msg: NatsMessage) -> None:
+        ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_deferred(event))
 
     @durable("paused", subjects.vm_paused(), "VM pauses.")
-    async def on_paused(event: VMPaused) -> None:
+    async def on_paused(event: VMPaused, msg: NatsMessage) -> None:
+        ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_paused(event), exclusive=False)
 
     @durable("patched", subjects.host_patched(), "Patch results.")
-    async def on_patched(event: HostPatched) -> None:
+    async def on_patched(event: HostPatched, msg: NatsMessage) -> None:
+        ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_patched(event), exclusive=False)
 
     @durable("resumed", subjects.vm_resumed(), "VM resumes.")
-    async def on_resumed(event: VMResumed) -> None:
+    async def on_resumed(event: VMResumed, msg: NatsMessage) -> None:
+        ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_resumed(event), exclusive=False)
 
     @durable("completed", subjects.host_completed(), "Host windows closed.")
-    async def on_completed(event: MaintenanceCompleted) -> None:
+    async def on_completed(event: MaintenanceCompleted, msg: NatsMessage) -> None:
+        ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_completed(event))
 
     @durable("clock", subjects.vm_clock(), "Clock sync results.")
-    async def on_clock(event: ClockSynced) -> None:
+    async def on_clock(event: ClockSynced, msg: NatsMessage) -> None:
+        ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_clock(event), exclusive=False)
 
     # ---------------------------------------------------------------- lifecycle
