@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shared.client import EventWatcher, connect
 from shared.contracts import MaintenanceCompleted, MaintenanceStarted, PatchSpec
-from shared.devstack import LocalStack, SimVM, temp_workdir, sim_node_xml
+from shared.devstack import LocalStack, SimVM, sim_node_xml, temp_workdir
 from shared.placement import Placement
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -229,6 +229,9 @@ class _Pending:
 class EventPublisher:
     """Publishes events to the `PAUSEPATCH` stream in order, with `Nats-Msg-Id` = `event_id`.
 
+    Up to `window` queued events are written at once and their acks awaited together (the
+    connection keeps their order), so a burst (every VM of a host resuming) costs one round trip.
+
     `emit` never waits: the event is queued with the caller's trace context and a background task
     publishes it, retrying with the same id (so JetStream stores it once) until the server acks.
     A NATS outage therefore never delays the caller, and events emitted during it arrive after
@@ -236,9 +239,14 @@ class EventPublisher:
     """
 
     def __init__(
-        self, broker: NatsBroker, retry_s: float = 0.5, ack_timeout_s: float = 5.0
+        self,
+        broker: NatsBroker,
+        retry_s: float = 0.5,
+        ack_timeout_s: float = 5.0,
+        window: int = 256,
     ) -> None:
         self.broker = broker
+        self.window = window
         self.retry_s = retry_s
         self.ack_timeout_s = ack_timeout_s
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
@@ -288,39 +296,54 @@ class EventPublisher:
 
     async def _run(self) -> None:
         while True:
-            pending = await self._queue.get()
+            window = [await self._queue.get()]
+            while len(window) < self.window and not self._queue.empty():
+                window.append(self._queue.get_nowait())
             self._busy = True
             try:
-                await self._send(pending)
+                await self._send_in_order(window)
             finally:
                 self._busy = False
 
-    async def _send(self, pending: _Pending) -> None:
+    async def _send_in_order(self, window: list[_Pending]) -> None:
+        """Publish a window of events: all written to the connection in order at once, then their
+        acks awaited together; whatever failed is sent again (same ids, same order) until stored."""
+        while window:
+            results = await asyncio.gather(
+                *(self._send_once(p) for p in window), return_exceptions=True
+            )
+            failed = []
+            for pending, result in zip(window, results, strict=True):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                if isinstance(result, BaseException):
+                    failed.append(pending)
+                    continue
+                self.published += 1
+                if pending.done is not None and not pending.done.done():
+                    pending.done.set_result(None)
+            if failed:
+                first = failed[0].event
+                log.warning(
+                    "publish of %d event(s) failed (first %s on %s: %s); retrying",
+                    len(failed),
+                    first.type,
+                    first.subject(),
+                    next(r for r in results if isinstance(r, BaseException)),
+                )
+                await asyncio.sleep(self.retry_s)
+            window = failed
+
+    async def _send_once(self, pending: _Pending) -> None:
         event = pending.event
         token = otel_context.attach(pending.context)
         try:
-            while True:
-                try:
-                    await self.broker.publish(
-                        event.to_json(),
-                        event.subject(),
-                        headers={"Nats-Msg-Id": str(event.event_id)},
-                        stream=subjects.STREAM_NAME,
-                        timeout=self.ack_timeout_s,
-                    )
-                    self.published += 1
-                    if pending.done is not None and not pending.done.done():
-                        pending.done.set_result(None)
-                    return
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - any failure: retry with the same id
-                    log.warning(
-                        "publish of %s on %s failed (%s); retrying",
-                        event.type,
-                        event.subject(),
-                        exc,
-                    )
-                    await asyncio.sleep(self.retry_s)
+            await self.broker.publish(
+                event.to_json(),
+                event.subject(),
+                headers={"Nats-Msg-Id": str(event.event_id)},
+                stream=subjects.STREAM_NAME,
+                timeout=self.ack_timeout_s,
+            )
         finally:
             otel_context.detach(token)

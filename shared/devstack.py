@@ -5,6 +5,7 @@ the benchmarks, so that all three run the system the same way."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -71,8 +72,8 @@ class NatsServer:
         """The client URL."""
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> NatsServer:
-        """Start and wait until JetStream is healthy."""
+    def start(self, timeout: float = 15.0, wait: bool = True) -> NatsServer:
+        """Start and (unless `wait` is False) wait until JetStream is healthy."""
         binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
         args = [
             binary,
@@ -105,6 +106,8 @@ class NatsServer:
                 args += ["--routes", ",".join(self.routes)]
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not wait:
+            return self
         try:
             wait_until(self.healthy, timeout, f"nats-server {self.name} on :{self.port}")
         except TimeoutError:
@@ -140,6 +143,54 @@ class NatsServer:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+
+class NatsCluster:
+    """A NATS cluster with JetStream on loopback: `size` servers routed to each other."""
+
+    def __init__(self, workdir: Path, size: int = 3, config: str | None = None) -> None:
+        cluster_ports = [free_port() for _ in range(size)]
+        self.nodes = [
+            NatsServer(
+                workdir,
+                name=f"n{i}",
+                config=config,
+                cluster_port=port,
+                routes=[f"nats://127.0.0.1:{p}" for p in cluster_ports if p != port],
+            )
+            for i, port in enumerate(cluster_ports)
+        ]
+
+    @property
+    def url(self) -> str:
+        """Every client URL, comma-separated (what services get in `PP_NATS_URL`)."""
+        return ",".join(node.url for node in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> NatsCluster:
+        """Start every node, then wait until JetStream has a meta leader (a quorum is up)."""
+        for node in self.nodes:
+            node.start(wait=False)
+        wait_until(self.has_leader, timeout, "a JetStream meta leader")
+        return self
+
+    def has_leader(self) -> bool:
+        """Some node reports a JetStream meta-cluster leader."""
+        for node in self.nodes:
+            if node.proc is None or node.proc.poll() is not None:
+                continue
+            try:
+                url = f"http://127.0.0.1:{node.monitor_port}/jsz"
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    if json.load(resp).get("meta_cluster", {}).get("leader"):
+                        return True
+            except (OSError, ValueError):
+                continue
+        return False
+
+    def stop(self) -> None:
+        """Stop every node."""
+        for node in self.nodes:
+            node.stop()
 
 
 @dataclass
@@ -248,6 +299,7 @@ class LocalStack:
     workdir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
     nats: NatsServer | None = None
+    cluster: NatsCluster | None = None
     services: dict[str, ServiceProcess] = field(default_factory=dict)
 
     def start_nats(self, config: str | None = None) -> NatsServer:
@@ -255,9 +307,17 @@ class LocalStack:
         self.nats = NatsServer(self.workdir, config=config).start()
         return self.nats
 
+    def start_nats_cluster(self, size: int = 3) -> NatsCluster:
+        """Our own NATS cluster; services then replicate the stream and buckets on all nodes."""
+        self.cluster = NatsCluster(self.workdir, size).start()
+        self.extra_env.setdefault("PP_STREAM_REPLICAS", str(size))
+        return self.cluster
+
     @property
     def nats_url(self) -> str:
-        """The URL services connect to."""
+        """The URL(s) services connect to."""
+        if self.cluster is not None:
+            return self.cluster.url
         assert self.nats is not None, "start_nats() first"
         return self.nats.url
 
@@ -298,12 +358,27 @@ class LocalStack:
             **env,
         )
 
+    def add_sim_fleet(self, name: str, hosts: dict[str, list[SimVM]], **env: str) -> ServiceProcess:
+        """Many simulated hosts served by one host-agent process (a fleet file)."""
+        nodes = self.workdir / "nodes"
+        nodes.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for host, vms in hosts.items():
+            node = nodes / f"{host}.xml"
+            node.write_text(sim_node_xml(vms))
+            lines.append(json.dumps({"host": host, "libvirt_uri": f"test://{node}"}))
+        fleet = self.workdir / f"{name}.fleet"
+        fleet.write_text("\n".join(lines) + "\n")
+        return self.start_service(name, "host_agent", ["--fleet", str(fleet)], **env)
+
     def stop(self) -> None:
         """Stop every service, then the server."""
         for proc in reversed(list(self.services.values())):
             proc.stop()
         if self.nats is not None:
             self.nats.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
 
 
 @contextlib.contextmanager

@@ -70,7 +70,10 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
         subjects.vm_resumed(),
         stream=events_stream(declare=False),
         durable="clock-sync-resumed",
-        pull_sub=PullSub(batch_size=16, timeout=1.0),
+        # One message per fetch (a larger batch waits for stragglers up to the timeout),
+        # handled by a pool of workers: one slow guest never holds up the others.
+        pull_sub=PullSub(batch_size=1, timeout=1.0),
+        max_workers=32,
         ack_policy=AckPolicy.NACK_ON_ERROR,
         title="pp.evt.vm.*.*.resumed:clock-sync",
         description="Set the clock of every resumed VM.",

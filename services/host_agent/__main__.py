@@ -11,7 +11,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m services.host_agent", description=__doc__)
     parser.add_argument("--host", help="this host's name (env PP_HOST; default: hostname)")
     parser.add_argument("--libvirt-uri", help="libvirt URI (env PP_LIBVIRT_URI)")
+    parser.add_argument(
+        "--fleet", help="simulations: serve every host of this JSON-lines file (env PP_FLEET_FILE)"
+    )
     args = parser.parse_args()
+    if args.fleet:
+        os.environ["PP_FLEET_FILE"] = args.fleet
     if args.host:
         os.environ["PP_HOST"] = args.host
     if args.libvirt_uri:

@@ -9,6 +9,7 @@ import socket
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator
@@ -56,6 +57,8 @@ class HostAgentSettings(BusSettings):
     """A `MaintenanceStarted` older than this is refused (the planner gave up on it long ago)."""
     resume_margin_s: float = 0.02
     """Resumes begin this long before the budget so that they end within it."""
+    fleet_file: Path | None = None
+    """Simulations: serve every host of this file (one JSON object per line) in one process."""
 
     @field_validator("host")
     @classmethod

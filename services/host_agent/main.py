@@ -1,14 +1,21 @@
 """host-agent's FastStream app: `faststream run services.host_agent.main:app` (settings from
-`PP_*` env vars) or `python -m services.host_agent --host NAME --libvirt-uri URI`."""
+`PP_*` env vars) or `python -m services.host_agent --host NAME --libvirt-uri URI`.
+
+One agent process serves one hypervisor host. For simulations at fleet scale (`PP_FLEET_FILE`,
+`--fleet FILE`: one `{"host": ..., "libvirt_uri": ...}` JSON object per line) one process may
+serve many simulated hosts, each with its own connection, window, journal and subscriptions.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
+from pathlib import Path
 
 from faststream import FastStream
 from faststream.middlewares import AckPolicy
-from faststream.nats import NatsMessage, PullSub
+from faststream.nats import NatsBroker, NatsMessage, PullSub
 
 from services.host_agent.agent import HostAgent, HostAgentSettings
 from services.host_agent.libvirt_hypervisor import LibvirtHypervisor, dispatch_events_on
@@ -21,17 +28,24 @@ from shared.telemetry import setup_telemetry
 SERVICE = "host-agent"
 
 
-def build_app(settings: HostAgentSettings) -> FastStream:
-    """The agent of `settings.host` as a FastStream app."""
-    # The window's thread must get the GIL back within a millisecond when the patch ends, even
-    # while the event loop thread is busy publishing (the default switch interval is 5 ms).
-    sys.setswitchinterval(0.0005)
-    setup_logging(SERVICE, settings.log_format, settings.log_level)
-    telemetry = setup_telemetry(SERVICE)
-    broker = make_broker(SERVICE, settings, telemetry)
-    publisher = EventPublisher(broker)
-    host = settings.host
-    state: dict[str, HostAgent] = {}
+def hosts_of(settings: HostAgentSettings) -> list[HostAgentSettings]:
+    """The host(s) this process serves: `settings` itself, or one per line of the fleet file."""
+    if settings.fleet_file is None:
+        return [settings]
+    hosts = []
+    for line in Path(settings.fleet_file).read_text().splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            hosts.append(
+                settings.model_copy(
+                    update={"host": entry["host"], "libvirt_uri": entry["libvirt_uri"]}
+                )
+            )
+    return [HostAgentSettings.model_validate(h.model_dump()) for h in hosts]
+
+
+def subscribe(broker: NatsBroker, host: str, agents: dict[str, HostAgent]) -> None:
+    """The subscriptions of one host's agent."""
 
     @broker.subscriber(
         subjects.host_started(host),
@@ -44,7 +58,7 @@ def build_app(settings: HostAgentSettings) -> FastStream:
     )
     async def on_started(event: MaintenanceStarted, msg: NatsMessage) -> None:
         ensure_on_subject(event, msg.raw_message.subject)
-        await state["agent"].on_started(event)
+        await agents[host].on_started(event)
 
     @broker.subscriber(
         subjects.host_clock_command(host),
@@ -52,31 +66,46 @@ def build_app(settings: HostAgentSettings) -> FastStream:
         description="Set or read a guest clock (request/reply).",
     )
     async def on_clock(command: ClockAction) -> dict[str, object]:
-        return (await state["agent"].clock(command)).to_json()
+        return (await agents[host].clock(command)).to_json()
+
+
+def build_app(settings: HostAgentSettings) -> FastStream:
+    """The agent of `settings.host` (or of every host of the fleet file) as a FastStream app."""
+    # The window's thread must get the GIL back within a millisecond when the patch ends, even
+    # while the event loop thread is busy publishing (the default switch interval is 5 ms).
+    sys.setswitchinterval(0.0005)
+    setup_logging(SERVICE, settings.log_format, settings.log_level)
+    telemetry = setup_telemetry(SERVICE)
+    broker = make_broker(SERVICE, settings, telemetry)
+    publisher = EventPublisher(broker)
+    hosts = hosts_of(settings)
+    agents: dict[str, HostAgent] = {}
+    for host in hosts:
+        subscribe(broker, host.host, agents)
 
     app = make_app(broker, SERVICE, "Runs the pause window of one host.")
 
     @app.on_startup
     async def startup() -> None:
         dispatch_events_on(asyncio.get_running_loop())
-        hypervisor = LibvirtHypervisor(settings.libvirt_uri)
-        agent = HostAgent(settings, hypervisor, publisher, telemetry)
-        hypervisor.watch(agent.inventory_changed)
-        state["agent"] = agent
+        for host in hosts:
+            hypervisor = LibvirtHypervisor(host.libvirt_uri)
+            agent = HostAgent(host, hypervisor, publisher, telemetry)
+            hypervisor.watch(agent.inventory_changed)
+            agents[host.host] = agent
         # Recovery first, before waiting on the bus: a VM left paused cannot wait for NATS.
-        await agent.recover()
+        await asyncio.gather(*(agent.recover() for agent in agents.values()))
         await broker.connect()
         await wait_for_stream(broker)
 
     @app.after_startup
     async def started() -> None:
-        agent = state["agent"]
-        agent.spawn(agent.heartbeat(), name="heartbeat")
+        for agent in agents.values():
+            agent.spawn(agent.heartbeat(), name="heartbeat")
 
     @app.on_shutdown
     async def shutdown() -> None:
-        if "agent" in state:
-            await state["agent"].close()
+        await asyncio.gather(*(agent.close() for agent in agents.values()))
         await publisher.stop()
         telemetry.shutdown()
 

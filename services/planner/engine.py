@@ -418,6 +418,18 @@ class RolloutEngine:
                 with log_context(rollout=rollout.rollout_id):
                     await self._advance(rollout)
 
+    def seconds_until_due(self) -> float:
+        """Time until the earliest notice of a running rollout ends (the ticker wakes then)."""
+        now = self.now()
+        due = [
+            (run.not_before - now).total_seconds()
+            for rollout in self.rollouts.values()
+            if rollout.state == "running" and rollout.current_wave < len(rollout.waves)
+            for run in self._wave_runs(rollout, rollout.current_wave)
+            if run.state == "noticed" and run.not_before is not None
+        ]
+        return max(0.0, min(due, default=3600.0))
+
     def _wave_runs(self, rollout: Rollout, wave: int) -> list[HostRun]:
         return [self.hosts[(rollout.rollout_id, h)] for h in rollout.waves[wave]]
 

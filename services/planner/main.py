@@ -120,7 +120,10 @@ def build_app(settings: PlannerSettings) -> FastStream:
             subject,
             stream=stream,
             durable=f"planner-{name}",
-            pull_sub=PullSub(batch_size=32, timeout=1.0),
+            # One message per fetch (a larger batch waits for stragglers up to the timeout),
+            # handled by a pool of workers.
+            pull_sub=PullSub(batch_size=1, timeout=1.0),
+            max_workers=16,
             ack_policy=AckPolicy.NACK_ON_ERROR,
             title=f"{subject}:planner",
             description=description,
@@ -260,8 +263,9 @@ def build_app(settings: PlannerSettings) -> FastStream:
 
     async def ticker() -> None:
         while True:
+            due = engine().seconds_until_due()
             try:
-                await asyncio.wait_for(wake.wait(), settings.tick_s)
+                await asyncio.wait_for(wake.wait(), min(settings.tick_s, due))
             except TimeoutError:
                 pass
             wake.clear()

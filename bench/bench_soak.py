@@ -1,0 +1,245 @@
+"""Soak: a fleet of simulated hosts (libvirt test driver) through one rollout, every service a
+process on a real nats-server (or a 3-node cluster with `--cluster`).
+
+Reports the total time against the schedule's theoretical minimum (waves x (notice + patch)),
+events per second through the bus, the pause overhead under that load (median, p99), each
+service's peak memory, and messages lost: every VM must have its five events (planned, paused,
+patched, resumed, clock). Prints a table, writes bench/results/soak.json.
+
+Usage: .venv/bin/python bench/bench_soak.py [--hosts 1000] [--vms 20] [--agents 10] [--cluster]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from shared.client import PlannerClient, connect  # noqa: E402
+from shared.devstack import LocalStack, ServiceProcess, SimVM, temp_workdir  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def fleet(hosts: int, vms: int, seed: int = 7) -> dict[str, list[SimVM]]:
+    """Round-robin placement: availability sets of 5 UDs; each host carries one UD of a set."""
+    rng = random.Random(seed)
+    sets = max(1, hosts * vms // 100)
+    result: dict[str, list[SimVM]] = {}
+    for h in range(hosts):
+        name = f"sim-{h:05d}"
+        chosen = rng.sample(range(sets), min(vms, sets))
+        result[name] = [SimVM(f"{name}-v{i:02d}", f"as-{s}", h % 5) for i, s in enumerate(chosen)]
+    return result
+
+
+def peak_rss_mb(proc: ServiceProcess) -> float:
+    """Peak resident memory of a service process (VmHWM), MiB."""
+    assert proc.proc is not None
+    for line in Path(f"/proc/{proc.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def wait_hosts_known(client: PlannerClient, count: int, timeout: float) -> None:
+    """Until the planner's dry run covers every host (its inventory is complete)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            plan = await client.plan({"update_id": "probe", "patch": {"duration_s": 0}})
+            if sum(len(w) for w in plan["waves"]) >= count:
+                return
+        except Exception:  # noqa: BLE001 - not ready yet
+            pass
+        await asyncio.sleep(1)
+    raise TimeoutError("the planner never saw the whole fleet")
+
+
+async def read_stream(url: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every event of the run, straight from the stream."""
+    nc = await connect(url)
+    js = nc.jetstream()
+    info = await js.stream_info("PAUSEPATCH")
+    total = info.state.messages
+    sub = await js.pull_subscribe("pp.evt.>", durable=None)
+    out: list[tuple[str, dict[str, Any]]] = []
+    while len(out) < total:
+        try:
+            msgs = await sub.fetch(1000, timeout=2)
+        except TimeoutError:
+            break
+        for m in msgs:
+            out.append((m.subject, json.loads(m.data)))
+            await m.ack()
+    await nc.close()
+    return out
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    hosts = fleet(args.hosts, args.vms)
+    with temp_workdir("pausepatch-soak-") as workdir:
+        stack = LocalStack(workdir, extra_env={"PP_HEARTBEAT_S": "30", "PP_LOG_LEVEL": "WARNING"})
+        if args.cluster:
+            stack.start_nats_cluster(3)
+        else:
+            stack.start_nats()
+        try:
+            stack.start_service("planner", "planner")
+            stack.start_service("notifier", "notifier", ["--listen", "127.0.0.1:0"])
+            stack.start_service("clock-sync", "clock_sync")
+            stack.start_service("clock-sync-2", "clock_sync")
+            names = sorted(hosts)
+            per = -(-len(names) // args.agents)
+            for i in range(args.agents):
+                chunk = {h: hosts[h] for h in names[i * per : (i + 1) * per]}
+                if chunk:
+                    stack.add_sim_fleet(f"agents-{i}", chunk)
+            nc = await connect(stack.nats_url)
+            client = PlannerClient(nc, timeout=60)
+            await wait_hosts_known(client, len(hosts), 300)
+            request = {
+                "update_id": "soak",
+                "patch": {"duration_s": args.patch_s},
+                "notice_s": args.notice_s,
+                "pause_budget_s": 10,
+                "max_hosts_in_flight": args.in_flight,
+            }
+            started = time.monotonic()
+            summary = await client.submit(request)
+            waves = len(summary["waves"])
+            rid = summary["rollout_id"]
+            while True:
+                state = await client.call("get", {"rollout_id": rid, "summary": True})
+                if state["state"] not in ("running", "planned"):
+                    break
+                await asyncio.sleep(0.5)
+            total_s = time.monotonic() - started
+            await asyncio.sleep(3)  # the last clock results
+            memory = {name: round(peak_rss_mb(p), 1) for name, p in stack.services.items()}
+            await nc.close()
+            events = await read_stream(stack.nats_url)
+        finally:
+            stack.stop()
+
+    per_vm: dict[str, set[str]] = defaultdict(set)
+    overheads: list[float] = []
+    host_patched: set[str] = set()
+    for subject, body in events:
+        kind = body.get("type")
+        if body.get("rollout_id") not in (rid, None):
+            continue
+        if kind == "MaintenancePlanned" and body["rollout_id"] == rid:
+            for vm in body["vms"]:
+                per_vm[vm].add("planned")
+        elif kind in ("VMPaused", "VMResumed", "ClockSynced") and body.get("rollout_id") == rid:
+            per_vm[body["vm"]].add(kind)
+        elif kind == "HostPatched" and body.get("rollout_id") == rid:
+            host_patched.add(body["host"])
+        elif kind == "MaintenanceCompleted" and body.get("rollout_id") == rid:
+            overheads.append(body["overhead_ms"])
+    phases = wave_phases(events, rid)
+    for host, vms in hosts.items():
+        if host in host_patched:
+            for vm in vms:
+                per_vm[vm.name].add("patched")
+    expected = {"planned", "VMPaused", "patched", "VMResumed", "ClockSynced"}
+    all_vms = [vm.name for vms in hosts.values() for vm in vms]
+    lost = sum(len(expected - per_vm.get(vm, set())) for vm in all_vms)
+    minimum_s = waves * (args.notice_s + args.patch_s)
+    window_s = total_s
+    return {
+        "hosts": args.hosts,
+        "vms": len(all_vms),
+        "agents": args.agents,
+        "cluster": args.cluster,
+        "waves": waves,
+        "final_state": state["state"],
+        "hosts_ok": state["hosts_ok"],
+        "total_s": round(total_s, 2),
+        "theoretical_min_s": round(minimum_s, 2),
+        "overhead_vs_min": round(window_s / minimum_s - 1, 4),
+        "events": len(events),
+        "events_per_s": round(len(events) / total_s, 1),
+        "pause_overhead_median_ms": round(statistics.median(overheads), 3) if overheads else None,
+        "pause_overhead_p99_ms": round(pct(overheads, 0.99), 3) if overheads else None,
+        "wave_phases_median_ms": phases,
+        "memory_peak_mb": memory,
+        "messages_lost": lost,
+    }
+
+
+def wave_phases(events: list[tuple[str, dict[str, Any]]], rid: str) -> dict[str, float]:
+    """Where each wave's time goes (medians over waves, ms): notice (first planned to first
+    start), window (first start to last completion), clock tail (last completion to last clock
+    result), transition (last clock result to the next wave's first planned)."""
+
+    def ts(body: dict[str, Any]) -> float:
+        return datetime.fromisoformat(body["occurred_at"]).timestamp() * 1000
+
+    wave_of_host: dict[str, int] = {}
+    marks: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for _, body in events:
+        if body.get("rollout_id") != rid:
+            continue
+        kind = body.get("type")
+        if kind == "MaintenancePlanned":
+            wave_of_host[body["host"]] = body["wave"]
+            marks[body["wave"]]["planned"].append(ts(body))
+        elif kind in ("MaintenanceStarted", "MaintenanceCompleted", "ClockSynced"):
+            wave = wave_of_host.get(body["host"])
+            if wave is not None:
+                marks[wave][kind].append(ts(body))
+    rows: dict[str, list[float]] = defaultdict(list)
+    waves = sorted(marks)
+    for i, wave in enumerate(waves):
+        m = marks[wave]
+        if not (m["planned"] and m["MaintenanceStarted"] and m["MaintenanceCompleted"]):
+            continue
+        rows["notice"].append(min(m["MaintenanceStarted"]) - min(m["planned"]))
+        rows["window"].append(max(m["MaintenanceCompleted"]) - min(m["MaintenanceStarted"]))
+        last = max(m["ClockSynced"] or m["MaintenanceCompleted"])
+        rows["clock_tail"].append(last - max(m["MaintenanceCompleted"]))
+        if i + 1 < len(waves) and marks[waves[i + 1]]["planned"]:
+            rows["transition"].append(min(marks[waves[i + 1]]["planned"]) - last)
+    return {k: round(statistics.median(v), 1) for k, v in rows.items() if v}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--hosts", type=int, default=1000)
+    parser.add_argument("--vms", type=int, default=20)
+    parser.add_argument("--agents", type=int, default=10, help="host-agent processes")
+    parser.add_argument("--in-flight", type=int, default=100)
+    parser.add_argument("--notice-s", type=float, default=1.0)
+    parser.add_argument("--patch-s", type=float, default=0.1)
+    parser.add_argument("--cluster", action="store_true", help="3-node NATS cluster, R3")
+    args = parser.parse_args()
+    result = asyncio.run(run(args))
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / ("soak-cluster.json" if args.cluster else "soak.json")
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
