@@ -25,8 +25,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.client import PlannerClient, connect  # noqa: E402
-from shared.devstack import LocalStack, ServiceProcess, SimVM, temp_workdir  # noqa: E402
+from shared.client import PlannerClient, connect
+from shared.devstack import LocalStack, ServiceProcess, SimVM, temp_workdir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -141,7 +141,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     per_vm: dict[str, set[str]] = defaultdict(set)
     overheads: list[float] = []
     host_patched: set[str] = set()
-    for subject, body in events:
+    for _, body in events:
         kind = body.get("type")
         if body.get("rollout_id") not in (rid, None):
             continue
