@@ -31,7 +31,14 @@ class Lease:
         try:
             self.revision = await self.kv.create(LEASE_KEY, self.holder.encode())
         except Exception:  # noqa: BLE001 - KeyWrongLastSequenceError: somebody holds it
-            return False
+            # ...or an earlier attempt of ours landed and only its ack was lost.
+            try:
+                entry = await self.kv.get(LEASE_KEY)
+            except Exception:  # noqa: BLE001 - expired meanwhile, or the server is away
+                return False
+            if entry.value != self.holder.encode():
+                return False
+            self.revision = entry.revision
         return True
 
     async def acquire(self) -> None:
@@ -66,6 +73,11 @@ class Lease:
                 await self.renew()
                 failures = 0
             except KeyWrongLastSequenceError:
+                # A renewal whose ack was lost (a node failing over) did land: still ours.
+                if await self.holder_now() == self.holder:
+                    self.revision = (await self.kv.get(LEASE_KEY)).revision
+                    failures = 0
+                    continue
                 log.error("planner lease lost: another planner holds it")
                 return
             except Exception as exc:  # noqa: BLE001 - transient (server restarting): retry

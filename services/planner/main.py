@@ -20,7 +20,7 @@ from pydantic import Field
 
 from services.planner.engine import RequestError, RolloutEngine
 from services.planner.lease import Lease
-from services.planner.state import RolloutStore
+from services.planner.state import LeadershipLost, RolloutStore
 from shared import subjects
 from shared.bus import (
     EventPublisher,
@@ -272,6 +272,10 @@ def build_app(settings: PlannerSettings) -> FastStream:
             try:
                 async with lock:
                     await engine().advance()
+            except LeadershipLost as exc:
+                log.error("stopping: %s (another planner is active)", exc)
+                app.exit()
+                return
             except Exception:
                 log.exception("advancing rollouts failed")
                 await asyncio.sleep(settings.tick_s)

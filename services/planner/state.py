@@ -12,6 +12,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
+from nats.js.errors import KeyWrongLastSequenceError
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.contracts import RolloutState, RolloutSubmit, utcnow
@@ -122,6 +123,10 @@ def new_rollout_id() -> str:
     return f"r{utcnow().strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
+class LeadershipLost(Exception):
+    """Another planner wrote our records: this one must stop."""
+
+
 class RolloutStore:
     """Rollouts in a KV bucket; every write is a compare-and-set on the last revision we saw.
 
@@ -137,6 +142,8 @@ class RolloutStore:
         self._dirty: dict[str, BaseModel] = {}
         self._pending: asyncio.Future[None] | None = None
         self._lock = asyncio.Lock()
+        self._unacked: dict[str, list[bytes]] = {}
+        """Values sent since the last acknowledged write of each key (one may have landed)."""
         self.writes = 0
 
     @staticmethod
@@ -178,10 +185,24 @@ class RolloutStore:
     async def _write(self, key: str, value: BaseModel) -> None:
         data = value.model_dump_json().encode()
         last = self._revisions.get(key)
-        if last is None:
-            self._revisions[key] = await self.kv.create(key, data)
-        else:
-            self._revisions[key] = await self.kv.update(key, data, last=last)
+        attempts = self._unacked.setdefault(key, [])
+        attempts.append(data)
+        try:
+            if last is None:
+                self._revisions[key] = await self.kv.create(key, data)
+            else:
+                self._revisions[key] = await self.kv.update(key, data, last=last)
+        except KeyWrongLastSequenceError:
+            # Either an earlier attempt landed although its ack was lost (a node failing over):
+            # then the stored value is ours and we carry on from its revision; or another
+            # planner wrote it: then this one is no longer the active planner.
+            entry = await self.kv.get(key)
+            if entry.value not in attempts:
+                raise LeadershipLost(f"{key} was written by someone else") from None
+            self._revisions[key] = entry.revision
+            await self._write(key, value)
+            return
+        del self._unacked[key]
         self.writes += 1
 
     async def save_rollout(self, rollout: Rollout) -> None:

@@ -9,7 +9,8 @@ Plain, deterministic Python: no bus, no I/O. Words used below:
 - a *solo* host carries two UDs of one set (a placement violation): patching it impacts both, so
   it is left out, or, when the request allows it, patched alone in a wave of its own.
 
-**Rules every plan keeps** (checked by `check_plan`, which `plan_waves` runs on its own result):
+**Rules every plan keeps** (checked by `check_plan`; `plan_waves` checks its own result the same
+way and raises `PlanningError` rather than return a plan that breaks one):
 
 1. a wave never impacts two UDs of one set (save a solo host alone in its wave);
 2. a wave holds at most `max_hosts_in_flight` hosts, and every planned host is in one wave;
@@ -18,22 +19,24 @@ Plain, deterministic Python: no bus, no I/O. Words used below:
    hosts of S in UD u come before any host of S in a higher UD". Placement can make these
    requirements cyclic (A carries S/UD0 and T/UD1, B carries S/UD1 and T/UD0): then no plan can
    honour them all. The hosts caught in one cycle (a strongly connected component of the
-   must-precede graph) are ordered among themselves by rule 1 only, best effort in increasing
-   UD (below); the order *between* components is always kept. Note that a few misplaced VMs can
-   tie most of a fleet into one component: rule 1 still holds, the UD order becomes best effort.
+   must-precede graph) are ordered among themselves by rule 1 only: their sets may visit UDs out
+   of order, never two at once (the planner tries increasing UD, see below). The order *between*
+   components is always kept. A few misplaced VMs can tie most of a fleet into one component:
+   rule 1 still holds, the UD order becomes best effort.
 
-**Algorithm.** Build the must-precede graph (linear in size: one barrier node between consecutive
-layers of a set), condense its strongly connected components (Tarjan), and walk the components in
-a topological order, ready ones by earliest allowed wave then longest remaining path. Each host
-of a component goes to the first wave, one after the last of everything it must follow or later,
-that has room and impacts none of its sets in another UD (first-fit colouring; wave sets are
-int bitmasks, so a host costs a few ORs per layer). Inside a cyclic component hosts are taken in
-increasing UD (the median of their layers' UDs), which keeps most sets in order when cycles come
-from a few misplaced VMs. If that plan is above the lower bound, a second pass takes them
-breadth-first over shared layers instead (hosts sharing a layer never conflict on it, so hosts
-placed by UD groups whose numbering differs from set to set fall into the same waves); it is
-kept only if it has fewer waves. Hosts with no ordering at all (no VMs, or only sets no other
-planned host carries in another UD) fill the gaps last.
+**Algorithm.** Build the must-precede graph (linear in size: between consecutive layers of a set,
+edges go through a barrier node when that saves edges), condense its strongly connected
+components (Tarjan), and walk the components in a topological order, ready ones by earliest
+allowed wave, then longest remaining path. Each host of a component goes to the first wave, from
+one after the last of everything it must follow, that has room and impacts none of its sets in
+another UD (first-fit colouring; wave sets are int bitmasks, so a host costs a few ORs per
+layer). Inside a component, hosts are first taken breadth-first over shared layers: hosts
+sharing a layer never conflict on it, so hosts placed by UD groups (even numbered differently in
+each set) fall into the same waves. If that plan is above the lower bound, a second pass takes
+them in increasing UD (the median of their layers' UDs), which keeps most sets in order when the
+cycles come from a few misplaced VMs; it is kept unless it has more waves. Hosts with no ordering
+at all (no set VMs, or only layers no other planned host carries in another UD) fill the gaps
+last.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import gc
 import heapq
 import itertools
 import math
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,9 +57,6 @@ Inventory = Mapping[str, Sequence[VMInfo]]
 """The fleet: host name -> the VMs it runs."""
 
 DEFAULT_MAX_HOSTS_IN_FLIGHT = 10
-
-Layer = tuple[str, int]
-"""(availability set, update domain)."""
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,9 @@ class WavePlan:
     waves: list[list[str]]
     """The waves in order, each a list of host names sorted by name."""
     lower_bound: int
-    """No plan of these hosts has fewer waves: the most UDs one set spans among them, and the
-    hosts divided by `max_hosts_in_flight`, rounded up."""
+    """No plan of these hosts has fewer waves: the most UDs one set spans among them (hosts
+    patched alone for a violation aside), and the hosts divided by `max_hosts_in_flight`,
+    rounded up."""
     violations: list[PlacementViolation] = field(default_factory=list)
     """Hosts carrying two UDs of one set: left out, or alone in a wave when allowed."""
     unknown_hosts: list[str] = field(default_factory=list)
@@ -132,23 +133,21 @@ def plan_waves(
     _check_max_in_flight(max_hosts_in_flight)
     with _paused_gc():
         request = _read_request(inventory, hosts, allow_placement_violations)
-        fleet = _Fleet.build(request.carried, request.solo)
+        fleet = request.fleet
         order = _Condensation.build(fleet)
         bound = _lower_bound(fleet, max_hosts_in_flight)
-        wave_of: list[int] = []
-        for rank in (_breadth_first_rank, _update_domain_rank):
-            attempt = _assign(fleet, order, max_hosts_in_flight, rank(fleet))
-            if not wave_of or max(attempt) <= max(wave_of):
-                wave_of = attempt
-            if max(wave_of, default=-1) < bound:
-                break
-        n_waves = max(wave_of, default=-1) + 1
+        wave_of = _assign(fleet, order, max_hosts_in_flight, _breadth_first_rank(fleet))
+        if _wave_count(wave_of) > bound:
+            in_ud_order = _assign(fleet, order, max_hosts_in_flight, _update_domain_rank(fleet))
+            if _wave_count(in_ud_order) <= _wave_count(wave_of):
+                wave_of = in_ud_order
+        n_waves = _wave_count(wave_of)
         problems = _problems(
             fleet, order, wave_of, n_waves, max_hosts_in_flight, allow_placement_violations
         )
     if problems:
         raise PlanningError("; ".join(problems))
-    return request.plan(_group(fleet.names, wave_of), fleet, max_hosts_in_flight)
+    return request.plan(_group(fleet.names, wave_of), max_hosts_in_flight)
 
 
 def naive_plan(
@@ -166,11 +165,13 @@ def naive_plan(
     It keeps rules 1 and 2, not the UD order of the hosts patched alone.
     """
     _check_max_in_flight(max_hosts_in_flight)
-    request = _read_request(inventory, hosts, allow_placement_violations)
+    with _paused_gc():
+        request = _read_request(inventory, hosts, allow_placement_violations)
+    fleet = request.fleet
     steps: dict[int, list[str]] = {}
     alone: list[str] = []
-    for host in sorted(request.carried):
-        uds = {ud for _, ud in request.carried[host]}
+    for host, layers in zip(fleet.names, fleet.host_layers, strict=True):
+        uds = {fleet.layer_ud[layer] for layer in layers}
         if len(uds) > 1:
             alone.append(host)
         else:
@@ -180,8 +181,7 @@ def naive_plan(
         for _, members in sorted(steps.items())
         for i in range(0, len(members), max_hosts_in_flight)
     ]
-    fleet = _Fleet.build(request.carried, request.solo)
-    return request.plan(waves + [[host] for host in alone], fleet, max_hosts_in_flight)
+    return request.plan(waves + [[host] for host in alone], max_hosts_in_flight)
 
 
 def replan(plan: WavePlan, inventory: Inventory, done_hosts: Collection[str]) -> WavePlan:
@@ -207,6 +207,8 @@ def check_plan(inventory: Inventory, plan: WavePlan) -> list[str]:
     Checks the module's three rules, that planned hosts are known and violating ones allowed and
     reported, that `unknown_hosts` are unknown, and that `lower_bound` is right.
     """
+    if plan.max_hosts_in_flight < 1:
+        return [f"max_hosts_in_flight is {plan.max_hosts_in_flight}, less than 1"]
     problems: list[str] = []
     seen: set[str] = set()
     for index, wave in enumerate(plan.waves):
@@ -224,12 +226,12 @@ def check_plan(inventory: Inventory, plan: WavePlan) -> list[str]:
     reported = {v.host for v in plan.violations}
     known = [host for host in sorted(seen) if host in inventory]
     with _paused_gc():
-        request = _read_request({h: inventory[h] for h in known}, None, True)
+        fleet = _read_request({h: inventory[h] for h in known}, None, True).fleet
         problems += [
-            f"host {h} carries two UDs of a set but is not reported"
-            for h in request.solo - reported
+            f"host {host} carries two UDs of a set but is not reported"
+            for host, solo in zip(fleet.names, fleet.solo, strict=True)
+            if solo and host not in reported
         ]
-        fleet = _Fleet.build(request.carried, request.solo)
         position = {host: index for index, wave in enumerate(plan.waves) for host in wave}
         wave_of = [position[host] for host in fleet.names]
         problems += _problems(
@@ -267,23 +269,26 @@ def _paused_gc() -> Iterator[None]:
             gc.enable()
 
 
+_SET_BITS = 32
+"""While reading, a layer is one int, `ud << _SET_BITS | set id`: cheap to hash and sort."""
+_SET_MASK = (1 << _SET_BITS) - 1
+
+
 @dataclass
 class _Request:
     """A request read against the inventory: what can be planned, what cannot."""
 
-    carried: dict[str, set[Layer]]
-    """Per planned host, the layers it carries."""
+    fleet: _Fleet
+    """The hosts to plan."""
     violations: list[PlacementViolation]
     unknown_hosts: list[str]
-    solo: set[str]
-    """Planned hosts carrying two UDs of one set (only when violations are allowed)."""
     allow_placement_violations: bool
 
-    def plan(self, waves: list[list[str]], fleet: _Fleet, max_hosts_in_flight: int) -> WavePlan:
+    def plan(self, waves: list[list[str]], max_hosts_in_flight: int) -> WavePlan:
         """The plan of these hosts in `waves`."""
         return WavePlan(
             waves=waves,
-            lower_bound=_lower_bound(fleet, max_hosts_in_flight),
+            lower_bound=_lower_bound(self.fleet, max_hosts_in_flight),
             violations=self.violations,
             unknown_hosts=self.unknown_hosts,
             max_hosts_in_flight=max_hosts_in_flight,
@@ -294,45 +299,62 @@ class _Request:
 def _read_request(
     inventory: Inventory, hosts: Iterable[str] | None, allow_placement_violations: bool
 ) -> _Request:
-    wanted = sorted(set(inventory if hosts is None else hosts))
-    carried: dict[str, set[Layer]] = {}
-    violations: list[PlacementViolation] = []
+    set_ids: defaultdict[str, int] = defaultdict(itertools.count().__next__)  # in reading order
+    carried: dict[str, set[int]] = {}
     unknown: list[str] = []
-    solo: set[str] = set()
-    for host in wanted:
+    broken: list[str] = []
+    for host in sorted(set(inventory if hosts is None else hosts)):
         vms = inventory.get(host)
         if vms is None:
             unknown.append(host)
             continue
-        layers = {
-            (vm.availability_set, vm.update_domain or 0)
+        carried[host] = layers = {
+            (vm.update_domain or 0) << _SET_BITS | set_ids[vm.availability_set]
             for vm in vms
             if vm.availability_set is not None
         }
-        if len({name for name, _ in layers}) < len(layers):
-            uds: dict[str, list[int]] = {}
-            for name, ud in sorted(layers):
-                uds.setdefault(name, []).append(ud)
-            violations += [
-                PlacementViolation(host, name, tuple(domains))
-                for name, domains in uds.items()
-                if len(domains) > 1
-            ]
-            if not allow_placement_violations:
-                continue
-            solo.add(host)
-        carried[host] = layers
-    return _Request(carried, violations, unknown, solo, allow_placement_violations)
+        if len({layer & _SET_MASK for layer in layers}) < len(layers):
+            broken.append(host)
+    set_names = list(set_ids)
+    violations: list[PlacementViolation] = []
+    for host in broken:
+        uds: dict[str, list[int]] = {}
+        for layer in sorted(carried[host]):
+            uds.setdefault(set_names[layer & _SET_MASK], []).append(layer >> _SET_BITS)
+        violations += [
+            PlacementViolation(host, name, tuple(domains))
+            for name, domains in sorted(uds.items())
+            if len(domains) > 1
+        ]
+        if not allow_placement_violations:
+            del carried[host]
+    fleet = _Fleet.build(carried, set_names, set(broken) & set(carried))
+    return _Request(fleet, violations, unknown, allow_placement_violations)
 
 
 def _lower_bound(fleet: _Fleet, max_hosts_in_flight: int) -> int:
-    widest = max((len(layers) for layers in fleet.set_layers), default=0)
+    """The most UDs a set spans among the hosts patched with others (a solo host impacts its UDs
+    at once anyway), and the hosts divided by the hosts in flight, rounded up."""
+    if any(fleet.solo):
+        widest = max(
+            (
+                sum(any(not fleet.solo[h] for h in fleet.layer_hosts[layer]) for layer in layers)
+                for layers in fleet.set_layers
+            ),
+            default=0,
+        )
+    else:
+        widest = max((len(layers) for layers in fleet.set_layers), default=0)
     return max(widest, math.ceil(len(fleet.names) / max_hosts_in_flight))
+
+
+def _wave_count(wave_of: Sequence[int]) -> int:
+    return max(wave_of, default=-1) + 1
 
 
 def _group(names: Sequence[str], wave_of: Sequence[int]) -> list[list[str]]:
     """Hosts by wave; `names` being sorted, so is each wave."""
-    waves: list[list[str]] = [[] for _ in range(max(wave_of, default=-1) + 1)]
+    waves: list[list[str]] = [[] for _ in range(_wave_count(wave_of))]
     for name, wave in zip(names, wave_of, strict=True):
         waves[wave].append(name)
     return waves
@@ -358,21 +380,30 @@ class _Fleet:
     """Per layer, the hosts carrying it, by index."""
 
     @classmethod
-    def build(cls, carried: Mapping[str, Collection[Layer]], solo: Collection[str]) -> _Fleet:
+    def build(cls, carried: Mapping[str, set[int]], set_names: list[str], solo: set[str]) -> _Fleet:
+        """From the layers each host carries, as read (see `_SET_BITS`; `set_names` by id)."""
         names = sorted(carried)
-        layer_id: dict[Layer, int] = {}
-        set_names: list[str] = []
+        read = set().union(*carried.values())
+        set_rank = [0] * len(set_names)
+        for rank, read_id in enumerate(sorted(range(len(set_names)), key=set_names.__getitem__)):
+            set_rank[read_id] = rank
+        span = max(read, default=0) >> _SET_BITS
+        layer_id: dict[int, int] = {}
+        fleet_sets: list[str] = []
         set_layers: list[list[int]] = []
         layer_set: list[int] = []
         layer_ud: list[int] = []
-        for layer, (name, ud) in enumerate(sorted(set().union(*carried.values()))):
-            if not set_names or set_names[-1] != name:
-                set_names.append(name)
+        for layer in sorted(
+            read, key=lambda k: set_rank[k & _SET_MASK] * (span + 1) + (k >> _SET_BITS)
+        ):
+            name = set_names[layer & _SET_MASK]
+            if not fleet_sets or fleet_sets[-1] != name:
+                fleet_sets.append(name)
                 set_layers.append([])
-            layer_id[name, ud] = layer
-            set_layers[-1].append(layer)
-            layer_set.append(len(set_names) - 1)
-            layer_ud.append(ud)
+            layer_id[layer] = len(layer_set)
+            set_layers[-1].append(len(layer_set))
+            layer_set.append(len(fleet_sets) - 1)
+            layer_ud.append(layer >> _SET_BITS)
         host_layers = [sorted([layer_id[layer] for layer in carried[host]]) for host in names]
         layer_hosts: list[list[int]] = [[] for _ in layer_set]
         for index, layers in enumerate(host_layers):
@@ -382,7 +413,7 @@ class _Fleet:
             names=names,
             host_layers=host_layers,
             solo=[host in solo for host in names],
-            set_names=set_names,
+            set_names=fleet_sets,
             set_layers=set_layers,
             layer_set=layer_set,
             layer_ud=layer_ud,
@@ -561,18 +592,18 @@ class _WaveFiller:
     def place(self, host: int, earliest: int) -> int:
         """Put `host` in the first wave from `earliest` on that it may join; return that wave."""
         layers = self.fleet.host_layers[host]
-        layer_set = self.fleet.layer_set
+        layer_set, set_waves, layer_waves = self.fleet.layer_set, self.set_waves, self.layer_waves
         solo = self.fleet.solo[host]
         # A solo host needs an empty wave; another host, one with room that impacts none of its
         # sets in another UD (the set's waves minus its layer's waves).
         taken = (self.used if solo else self.closed) | ((1 << earliest) - 1)
         if not solo:
             for layer in layers:
-                taken |= self.set_waves[layer_set[layer]] ^ self.layer_waves[layer]
+                taken |= set_waves[layer_set[layer]] ^ layer_waves[layer]
         bit = ~taken & (taken + 1)
         for layer in layers:
-            self.set_waves[layer_set[layer]] |= bit
-            self.layer_waves[layer] |= bit
+            set_waves[layer_set[layer]] |= bit
+            layer_waves[layer] |= bit
         wave = bit.bit_length() - 1
         if wave == len(self.sizes):
             self.sizes.append(0)
@@ -592,8 +623,7 @@ def _assign(
     hosts go last and fill the gaps."""
     filler = _WaveFiller(fleet, max_hosts_in_flight)
     wave_of = [-1] * len(fleet.names)
-    after = [-1] * len(order.comp_hosts)
-    """Per component, the last wave of everything that must precede it."""
+    after = [-1] * len(order.comp_hosts)  # per component: last wave of all it must follow
     pending = list(order.n_predecessors)
     barriers: list[int] = []
     ready: list[tuple[int, int, int, int]] = []
@@ -657,8 +687,8 @@ def _problems(
     ]
     if problems:
         return problems
-    impacted: dict[tuple[int, int], tuple[int, int]] = {}
-    """(wave, set) -> (layer, host) of the first host seen impacting that set in that wave."""
+    n_sets = len(fleet.set_layers)
+    impacted: dict[int, int] = {}  # wave * n_sets + set -> the first layer seen there
     for host, layers in enumerate(fleet.host_layers):
         wave = wave_of[host]
         if fleet.solo[host]:
@@ -671,8 +701,9 @@ def _problems(
             continue
         for layer in layers:
             set_id = fleet.layer_set[layer]
-            other, first = impacted.setdefault((wave, set_id), (layer, host))
+            other = impacted.setdefault(wave * n_sets + set_id, layer)
             if other != layer:
+                first = next(h for h in fleet.layer_hosts[other] if wave_of[h] == wave)
                 problems.append(
                     f"wave {wave} impacts UDs {fleet.layer_ud[other]} and {fleet.layer_ud[layer]} "
                     f"of set {fleet.set_names[set_id]} (hosts {names[first]}, {names[host]})"

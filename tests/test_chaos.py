@@ -1,0 +1,276 @@
+"""Faults while rollouts run, each test stopping by itself and asserting the outcome: NATS nodes
+and servers dying, agents killed mid-pause, every event delivered twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from shared.client import EventWatcher, PlannerClient, connect
+from shared.contracts import (
+    ClockSynced,
+    HostInventory,
+    HostPatched,
+    MaintenanceCompleted,
+    MaintenanceStarted,
+    RolloutStatus,
+    VMPaused,
+    VMResumed,
+)
+from shared.devstack import LocalStack
+from tests.support.fleet import VM_IP_BASE, ready, sim_vms, start_core
+
+HOSTS = ["c0", "c1", "c2"]
+
+
+def start_hosts(stack: LocalStack, hosts: list[str] = HOSTS) -> None:
+    for i, host in enumerate(hosts):
+        spec = [
+            (f"{host}-web", "web", i),
+            (f"{host}-db", "db", i % 2),
+            (f"{host}-solo", None, None),
+        ]
+        stack.add_sim_host(host, sim_vms(spec, first_ip=10 * i + 1))
+
+
+def final(rollout_id: str, states: tuple[str, ...] = ("completed",)) -> Any:
+    def check(w: EventWatcher) -> list[RolloutStatus]:
+        return [e for e in w.events(RolloutStatus, rollout_id=rollout_id) if e.state in states]
+
+    return check
+
+
+async def stream_events(url: str) -> list[dict[str, Any]]:
+    """Every event stored in the stream, read afresh (a new connection, a new consumer)."""
+    nc = await connect(url)
+    watcher = await EventWatcher(nc).start()
+    info = await nc.jetstream().stream_info("PAUSEPATCH")
+    await watcher.wait_for(lambda w: len(w.received) >= info.state.messages, 30, "the whole stream")
+    await watcher.stop()
+    await nc.close()
+    return [r.raw for r in watcher.received]
+
+
+def each_once(events: list[dict[str, Any]], rollout_id: str, vms: list[str]) -> None:
+    """Every VM's pause, resume and clock events are in the stream exactly once."""
+    counts = Counter(
+        (e["type"], e["vm"])
+        for e in events
+        if e.get("rollout_id") == rollout_id
+        and e["type"] in ("VMPaused", "VMResumed", "ClockSynced")
+    )
+    for vm in vms:
+        for kind in ("VMPaused", "VMResumed", "ClockSynced"):
+            assert counts[(kind, vm)] == 1, (kind, vm, counts[(kind, vm)])
+
+
+def all_vms(hosts: list[str] = HOSTS) -> list[str]:
+    return [f"{h}-{role}" for h in hosts for role in ("web", "db", "solo")]
+
+
+async def test_one_nats_node_killed_mid_rollout_loses_nothing_and_patches_no_host_twice(
+    workdir: Path,
+) -> None:
+    stack = LocalStack(workdir, extra_env={"PP_HEARTBEAT_S": "2"})
+    cluster = stack.start_nats_cluster(3)
+    nc = await connect(cluster.url)
+    try:
+        client, watcher = PlannerClient(nc), EventWatcher(nc)
+        start_core(stack, notifier=False)
+        start_hosts(stack)
+        await ready(stack, client, watcher, HOSTS)
+        await _lose_a_node_mid_rollout(stack, client, watcher)
+    finally:
+        await nc.close()
+        stack.stop()
+
+
+async def _lose_a_node_mid_rollout(
+    stack: LocalStack, client: PlannerClient, watcher: EventWatcher
+) -> None:
+    assert stack.cluster is not None
+    cluster = stack.cluster
+
+    rollout = await client.submit(
+        {
+            "update_id": "node-loss",
+            "patch": {"duration_s": 1.0},
+            "notice_s": 0.5,
+            "max_hosts_in_flight": 1,
+        }
+    )
+    rid = rollout["rollout_id"]
+    await watcher.wait_for(lambda w: w.events(VMPaused, rollout_id=rid), 30, "the first pause")
+    victim = cluster.nodes[0]
+    victim.stop(signal.SIGKILL)  # mid-window
+    await asyncio.sleep(3)
+    victim.start(wait=False)  # back later, same store
+
+    await watcher.wait_for(final(rid), 120, "the rollout")
+    events = await stream_events(cluster.url)
+    starts = Counter(e["host"] for e in events if e["type"] == "MaintenanceStarted")
+    assert starts == dict.fromkeys(HOSTS, 1), starts
+    done = Counter(e["host"] for e in events if e["type"] == "MaintenanceCompleted")
+    assert done == dict.fromkeys(HOSTS, 1), done
+    each_once(events, rid, all_vms())
+
+
+async def test_nats_restarted_mid_pause_window_never_lengthens_the_pause(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
+) -> None:
+    client, watcher = bus
+    start_core(stack, notifier=False)
+    start_hosts(stack, HOSTS[:1])
+    await ready(stack, client, watcher, HOSTS[:1])
+    patch_s = 3.0
+    rollout = await client.submit(
+        {
+            "update_id": "outage",
+            "patch": {"duration_s": patch_s},
+            "notice_s": 0,
+            "pause_budget_s": 10,
+        }
+    )
+    rid = rollout["rollout_id"]
+    await watcher.wait_for(lambda w: len(w.events(VMPaused, rollout_id=rid)) == 3, 30, "the pauses")
+    assert stack.nats is not None
+    stack.nats.stop(signal.SIGKILL)  # the whole bus is gone while the VMs are paused
+    await asyncio.sleep(patch_s + 1)  # the window ends during the outage
+    stack.nats.start()
+
+    events = []
+    for _ in range(60):
+        events = await stream_events(stack.nats_url)
+        if any(e["type"] == "RolloutStatus" and e["state"] == "completed" for e in events):
+            break
+        await asyncio.sleep(1)
+    resumed = [e for e in events if e["type"] == "VMResumed" and e["rollout_id"] == rid]
+    assert len(resumed) == 3
+    for event in resumed:  # the pause ended on time, the outage notwithstanding
+        assert patch_s * 1000 <= event["paused_ms"] < patch_s * 1000 + 100, event
+        assert not event["forced"]
+    each_once(events, rid, all_vms(HOSTS[:1]))
+    assert sum(e["type"] == "HostPatched" for e in events) == 1
+    assert sum(e["type"] == "MaintenanceCompleted" for e in events) == 1
+
+
+async def test_host_agent_killed_mid_pause_resumes_from_its_journal_and_the_host_counts_failed(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
+) -> None:
+    client, watcher = bus
+    start_core(stack, notifier=False, clock_sync=False)
+    start_hosts(stack, HOSTS[:1])
+    await ready(stack, client, watcher, HOSTS[:1])
+    rollout = await client.submit(
+        {
+            "update_id": "agent-crash",
+            "patch": {"duration_s": 20},
+            "notice_s": 0,
+            "failure_budget": 0,
+        }
+    )
+    rid = rollout["rollout_id"]
+    await watcher.wait_for(lambda w: len(w.events(VMPaused, rollout_id=rid)) == 3, 30, "pauses")
+    agent = stack.services["host-agent-c0"]
+    agent.kill()
+    agent.start()  # same host, same state directory: its journal is there
+
+    recovered = await watcher.wait_for(
+        lambda w: [e for e in w.events(VMResumed, rollout_id=rid) if e.recovered], 30, "recovery"
+    )
+    await watcher.wait_for(
+        lambda w: len([e for e in w.events(VMResumed, rollout_id=rid) if e.recovered]) == 3, 30
+    )
+    assert recovered[0].forced
+    halted = await watcher.wait_for(final(rid, ("halted",)), 30, "the halt")
+    assert "c0" in (halted[0].reason or "")
+    completed = watcher.events(MaintenanceCompleted, rollout_id=rid)
+    assert len(completed) == 1 and completed[0].recovered
+    report = await client.get(rid)
+    assert report["hosts"][0]["state"] == "failed" and report["hosts"][0]["recovered"]
+
+
+async def test_every_event_delivered_twice_changes_nothing(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
+) -> None:
+    client, watcher = bus
+    notifier = start_core(stack)
+    start_hosts(stack)
+    await ready(stack, client, watcher, HOSTS)
+    rollout = await client.submit(
+        {"update_id": "replay", "patch": {"duration_s": 0.1}, "notice_s": 0}
+    )
+    rid = rollout["rollout_id"]
+    await watcher.wait_for(final(rid), 60, "the rollout")
+    await watcher.wait_for(
+        lambda w: len(w.events(ClockSynced, rollout_id=rid)) == len(all_vms()), 30, "clocks"
+    )
+    before = await client.get(rid)
+    original = list(watcher.received)
+    async with httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(local_address=VM_IP_BASE + "1"), base_url=notifier
+    ) as http:
+        incarnation_before = (
+            await http.get(
+                "/metadata/scheduledevents",
+                params={"api-version": "2020-07-01"},
+                headers={"Metadata": "true"},
+            )
+        ).json()["DocumentIncarnation"]
+
+    # Replay the whole stream: every event again, with new message ids so JetStream keeps them.
+    js = client.nc.jetstream()
+    for received in original:
+        await js.publish(received.subject, json.dumps(received.raw).encode())
+
+    # Wait until every durable consumer has seen (and acknowledged) the copies.
+    async def consumers_idle() -> bool:
+        for consumer in await js.consumers_info("PAUSEPATCH"):
+            if consumer.num_pending or consumer.num_ack_pending:
+                return False
+        return True
+
+    for _ in range(100):
+        if await consumers_idle():
+            break
+        await asyncio.sleep(0.2)
+    assert await consumers_idle()
+    await asyncio.sleep(1)  # anything a service would emit in reaction is on the stream by now
+
+    # (Inventory heartbeats go on meanwhile: they are not a reaction to anything.)
+    produced = Counter(
+        type(r.event).__name__
+        for r in watcher.received[2 * len(original) :]
+        if not isinstance(r.event, HostInventory)
+    )
+    assert not produced, f"services reacted to the replay: {produced}"
+    ids = Counter(
+        str(r.event.event_id)
+        for r in watcher.received
+        if r.event is not None and not isinstance(r.event, HostInventory)
+    )
+    assert set(ids.values()) == {2}  # each original once, its copy once; nothing new
+    after = await client.get(rid)
+    for key in ("state", "hosts_ok", "hosts_failed", "current_wave"):
+        assert after[key] == before[key], key
+    assert [h["state"] for h in after["hosts"]] == [h["state"] for h in before["hosts"]]
+    assert sum(isinstance(r.event, MaintenanceStarted) for r in watcher.received) == 2 * len(HOSTS)
+    assert sum(isinstance(r.event, HostPatched) for r in watcher.received) == 2 * len(HOSTS)
+    # The VMs' Scheduled Events documents stay empty: finished events do not come back.
+    async with httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(local_address=VM_IP_BASE + "1"), base_url=notifier
+    ) as http:
+        doc = (
+            await http.get(
+                "/metadata/scheduledevents",
+                params={"api-version": "2020-07-01"},
+                headers={"Metadata": "true"},
+            )
+        ).json()
+    assert doc["Events"] == [] and doc["DocumentIncarnation"] == incarnation_before
