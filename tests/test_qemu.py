@@ -231,3 +231,35 @@ async def test_clock_sync_retries_until_a_booting_guest_agent_answers(
         assert synced[0].skew_after_ms is not None and abs(synced[0].skew_after_ms) <= 50
     finally:
         qemu.destroy_guests(qemu_host.uri, late)
+
+
+async def test_clock_sync_down_during_resumes_syncs_when_it_returns_with_the_real_skew(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher], qemu_host: QemuHost
+) -> None:
+    client, watcher = bus
+    start_core(stack, notifier=False, clock_sync=False, PP_CLOCK_TIMEOUT_S="1")
+    start_agent(stack, qemu_host)
+    await ready(stack, client, watcher, [HOST])
+    rollout = await client.submit(
+        {"update_id": "no-clock-sync", "patch": {"duration_s": 1.5}, "notice_s": 0}
+    )
+    rid = rollout["rollout_id"]
+    await watcher.wait_for(done(rid), 60, "the rollout without clock-sync")
+    assert not watcher.events(ClockSynced, rollout_id=rid)
+    await asyncio.sleep(2)  # clock-sync is still down: the guests keep running 1.5 s behind
+
+    stack.start_service("clock-sync", "clock_sync")  # its durable consumer kept the resumes
+    synced = await watcher.wait_for(
+        lambda w: (
+            len(w.events(ClockSynced, rollout_id=rid)) == len(qemu_host.guests) + 1
+            and w.events(ClockSynced, rollout_id=rid)
+        ),
+        60,
+        "the late syncs",
+    )
+    for event in synced:
+        if event.vm == qemu_host.no_agent:
+            continue
+        # Measured when the sync finally ran: the guest was still behind by the pause.
+        assert event.ok and event.skew_before_ms is not None and event.skew_before_ms <= -1400
+        assert event.skew_after_ms is not None and abs(event.skew_after_ms) <= 50
