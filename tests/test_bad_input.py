@@ -18,6 +18,9 @@ GARBAGE = b"\x00\xffnot json"
 WRONG_TYPE = json.dumps(
     {"type": "VMPaused", "host": "h1", "vm": "a", "paused_at": "yesterday"}
 ).encode()
+UNKNOWN_TYPE = json.dumps({"type": "VMExploded", "host": "h1", "vm": "a"}).encode()
+# Valid JSON, larger than any message of the contract may be (PP_MAX_MESSAGE_BYTES, 512 KiB).
+OVERSIZED = json.dumps({"type": "HostInventory", "host": "h1", "pad": "x" * 600_000}).encode()
 
 # (subject, services that consume it)
 SUBSCRIBED = [
@@ -66,8 +69,8 @@ async def test_malformed_messages_are_dead_lettered_and_services_keep_working(
         cb=collect,
     )
     for subject, _ in SUBSCRIBED:
-        await js.publish(subject, GARBAGE)
-        await js.publish(subject, WRONG_TYPE)
+        for body in (GARBAGE, WRONG_TYPE, UNKNOWN_TYPE, OVERSIZED):
+            await js.publish(subject, body)
 
     # Commands answer a structured error at once, and are dead-lettered too.
     for subject in COMMANDS:
@@ -92,6 +95,11 @@ async def test_malformed_messages_are_dead_lettered_and_services_keep_working(
         raise AssertionError(f"never dead-lettered: {sorted(missing)}") from None
     garbage = [d for d in dead if base64.b64decode(d["original_b64"]) == GARBAGE]
     assert garbage and all(d["reason"] for d in dead)
+    reasons = " ".join(d["reason"] for d in dead)
+    assert "oversized" in reasons and "VMExploded" in reasons
+    oversized = [d for d in dead if "oversized" in d["reason"]]
+    assert all(d["truncated"] and d["size"] == len(OVERSIZED) for d in oversized)
+    assert {d["service"] for d in oversized} >= {"planner", "notifier", "clock-sync", "host-agent"}
 
     # Every service still works: a rollout goes through.
     rollout = await client.submit(
