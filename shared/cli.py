@@ -236,7 +236,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 async def run_trace(args: argparse.Namespace) -> int:
-    """`pausepatch trace ROLLOUT|HOST`: the pause traces from Jaeger, as span trees."""
+    """`pausepatch trace ROLLOUT|HOST|TRACE_ID`: the pause traces from Jaeger, as span trees."""
     import httpx
 
     from shared.jaeger import JaegerClient, JaegerError, pause_traces, render_tree
@@ -307,7 +307,9 @@ def parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("demo", help="run the embedded demo (own nats-server, 3 simulated hosts)")
     trace = sub.add_parser("trace", help="the pause traces of a rollout or a host, from Jaeger")
-    trace.add_argument("target", metavar="ROLLOUT|HOST", help="a rollout id or a host name")
+    trace.add_argument(
+        "target", metavar="ROLLOUT|HOST|TRACE_ID", help="a rollout id, a host name or a trace id"
+    )
     trace.add_argument(
         "--jaeger",
         default=os.environ.get("PP_JAEGER_URL", "http://127.0.0.1:16686"),

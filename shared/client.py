@@ -72,22 +72,38 @@ async def _any_reachable(servers: list[str], timeout: float = 3.0) -> None:
 class PlannerClient:
     """`pp.cmd.rollout.*` as methods."""
 
-    def __init__(self, nc: Client, timeout: float = 10.0) -> None:
+    def __init__(
+        self, nc: Client, timeout: float = 10.0, no_responder_grace_s: float = 3.0
+    ) -> None:
         self.nc = nc
         self.timeout = timeout
+        self.no_responder_grace_s = no_responder_grace_s
 
     async def call(self, verb: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Send a command; raise `CommandError` on a structured error or no answer."""
-        try:
-            reply = await self.nc.request(
-                subjects.rollout_command(verb),
-                json.dumps(body or {}).encode(),
-                timeout=self.timeout,
-            )
-        except (TimeoutError, nats.errors.NoRespondersError) as exc:
-            raise CommandError(
-                "no-planner", f"no active planner answered ({type(exc).__name__})"
-            ) from exc
+        """Send a command; raise `CommandError` on a structured error or no answer.
+
+        "No responders" is retried for up to `no_responder_grace_s`: a standby planner taking
+        over, or a subscription still propagating through a cluster, answers a moment later.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.no_responder_grace_s
+        while True:
+            try:
+                reply = await self.nc.request(
+                    subjects.rollout_command(verb),
+                    json.dumps(body or {}).encode(),
+                    timeout=self.timeout,
+                )
+                break
+            except nats.errors.NoRespondersError as exc:
+                if loop.time() < deadline:
+                    await asyncio.sleep(0.2)
+                    continue
+                raise CommandError("no-planner", "no active planner answered") from exc
+            except TimeoutError as exc:
+                raise CommandError(
+                    "no-planner", f"no planner answered within {self.timeout:.0f} s"
+                ) from exc
         data = json.loads(reply.data) if reply.data else {}
         if isinstance(data, dict) and "error" in data and len(data) <= 2:
             raise CommandError(data["error"], data.get("detail"))

@@ -1,4 +1,4 @@
-"""Pause traces from Jaeger, for `pausepatch trace ROLLOUT|HOST`.
+"""Pause traces from Jaeger, for `pausepatch trace ROLLOUT|HOST|TRACE_ID`.
 
 Reads Jaeger's lasting query API, `/api/v3` (Jaeger v2): `GET /api/v3/traces` and
 `/api/v3/operations` answer OTLP JSON wrapped as `{"result": {"resourceSpans": [...]}}` (hex trace
@@ -25,7 +25,9 @@ HOST_TRACE_ROOT = "maintenance.plan"
 (services/planner/engine.py): a search on it finds every maintenance trace of a host."""
 PLANNER_SERVICE = "planner"
 ROLLOUT_ID = re.compile(r"^r\d{14}-[0-9a-f]{8}$")
-"""The planner's rollout ids (`r` + UTC timestamp + random suffix); anything else is a host."""
+"""The planner's rollout ids (`r` + UTC timestamp + random suffix)."""
+TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+"""A W3C trace id, as `report --json` and every log line give it; anything else is a host."""
 
 _STATUS_ERROR = 2
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -240,8 +242,11 @@ class JaegerClient:
 async def pause_traces(
     client: JaegerClient, target: str, since: timedelta, limit: int = 100
 ) -> list[Trace]:
-    """Every host maintenance trace of a rollout (`target` a rollout id) or of a host, in the
-    last `since`, oldest first."""
+    """Every host maintenance trace of a rollout (`target` a rollout id) or of a host in the last
+    `since`, oldest first; or the one trace whose id `target` is."""
+    if TRACE_ID.match(target):
+        trace = await client.get_trace(target)
+        return [trace] if trace is not None else []
     now = datetime.now(UTC)
     by_rollout = ROLLOUT_ID.match(target) is not None
     if by_rollout:

@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -120,7 +121,10 @@ def render_timeline(report: dict[str, Any], path: Path) -> Figure:
         handles.append(
             Line2D([], [], marker="x", ls="", color=FAILED_COLOUR, mew=2.5, label="failed")
         )
-    figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small")
+    if handles:
+        figure.legend(
+            handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small"
+        )
     request = report.get("request", {})
     figure.suptitle(
         f"rollout {report['rollout_id']}  update {request.get('update_id', '-')}  "
@@ -133,8 +137,6 @@ def render_timeline(report: dict[str, Any], path: Path) -> Figure:
 
 
 def _palette(count: int) -> list[Any]:
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10"]
     return [cmap(i % 10) for i in range(count)]
 

@@ -208,7 +208,7 @@ async def test_standby_planner_takes_over_when_the_active_one_dies(
     start_fleet(stack, HOSTS[:3])
     await ready(stack, client, watcher, HOSTS[:3])
     kv = await client.nc.jetstream().key_value("pp_planner_lease")
-    active = (await kv.get("leader")).value.decode()
+    active = ((await kv.get("leader")).value or b"").decode()
     assert active in ("planner-a", "planner-b")  # exactly one holds the lease
     standby = "planner-b" if active == "planner-a" else "planner-a"
 
@@ -220,7 +220,7 @@ async def test_standby_planner_takes_over_when_the_active_one_dies(
     stack.services["planner" if active == "planner-a" else "planner-b"].kill()
 
     await watcher.wait_for(final_status(rid), 120, "the standby to finish the rollout")
-    assert (await kv.get("leader")).value.decode() == standby
+    assert ((await kv.get("leader")).value or b"").decode() == standby
     completed = watcher.events(MaintenanceCompleted, rollout_id=rid)
     assert sorted(e.host for e in completed) == HOSTS[:3]
 

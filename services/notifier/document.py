@@ -1,28 +1,41 @@
 """The Scheduled Events documents: what each VM sees, built from the bus events.
 
 Plain Python, no bus and no HTTP. A VM sees the events of its availability set (every member sees
-them and checks `Resources`); a standalone VM sees only events that list it. Every scope (a set,
-or a standalone VM) has its own `DocumentIncarnation`, increased by exactly one on every change of
-its events array and never otherwise.
+them and checks `Resources`); a standalone VM sees only events that list it; an unknown address
+sees nothing. Every scope (a set, or a standalone VM) has its own `DocumentIncarnation`, increased
+by exactly one on every change of its events array and never otherwise.
+
+Everything here is a function of the bus events applied in stream order and of nothing else (no
+wall clock, no arrival time), so that every replica, and a replica restarted from a snapshot, serves
+the same document with the same incarnation. The one use of the clock is the age-out of ended
+events from the extended view, and even that is computed from the events' own timestamps.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from email.utils import format_datetime
 from typing import Any, Literal
 
 from shared.contracts import (
+    ClockSynced,
+    Event,
     HostInventory,
+    MaintenanceApproved,
     MaintenanceCancelled,
     MaintenanceCompleted,
+    MaintenanceDeferred,
     MaintenancePlanned,
     MaintenanceStarted,
+    RolloutStatus,
     VMInfo,
+    VMResumed,
 )
 
 API_VERSIONS = (
@@ -35,20 +48,109 @@ API_VERSIONS = (
 )
 """Every documented Scheduled Events version; each returns the fields of its version."""
 
+LATEST_VERSION = API_VERSIONS[-1]
+
 _FIELDS_SINCE = {
     "Description": "2019-04-01",
     "EventSource": "2019-08-01",
     "DurationInSeconds": "2020-07-01",
 }
 
+ACCEPTED: tuple[type[Event], ...] = (
+    HostInventory,
+    MaintenancePlanned,
+    MaintenanceApproved,
+    MaintenanceDeferred,
+    MaintenanceStarted,
+    MaintenanceCompleted,
+    MaintenanceCancelled,
+    VMResumed,
+    ClockSynced,
+    RolloutStatus,
+)
+"""The bus events the documents are made of."""
+
+DEFAULT_DESCRIPTION = {
+    "Freeze": "Virtual machine is being paused because of a memory-preserving host update.",
+    "Reboot": "Virtual machine is going to be restarted because of a host update.",
+}
+
 Status = Literal["Scheduled", "Started", "Completed", "Canceled"]
+ACTIVE: tuple[Status, ...] = ("Scheduled", "Started")
+"""The statuses Azure shows; an ended event (Completed, Canceled) is in the extended view only."""
+
 Scope = tuple[str, str]
 """("set", name) for an availability set, ("vm", name) for a standalone VM."""
+
+ChangeKind = Literal[
+    "scheduled",
+    "rescheduled",
+    "started",
+    "completed",
+    "canceled",
+    "approved",
+    "deferred",
+    "measured",
+]
+STRICT_CHANGES: frozenset[str] = frozenset(
+    {"scheduled", "rescheduled", "started", "completed", "canceled"}
+)
+"""The changes that alter Azure's events array (the others show in the extended view only)."""
 
 
 def rfc1123(value: datetime) -> str:
     """`Mon, 11 Apr 2026 22:26:58 GMT`."""
     return format_datetime(value, usegmt=True)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value is not None else None
+
+
+def duration_in_seconds(event_type: str, expected_pause_s: float) -> int:
+    """Azure's `DurationInSeconds`: the expected pause of a Freeze in whole seconds (rounded up,
+    so a short pause never reads as "no interruption"); -1 when unknown or for a Reboot."""
+    if event_type != "Freeze" or expected_pause_s <= 0:
+        return -1
+    return math.ceil(expected_pause_s)
+
+
+@dataclass(frozen=True)
+class DeferPolicy:
+    """How far a VM may postpone an event (the planner applies the same limits)."""
+
+    max_defers: int = 1
+    """Defers honoured per scheduled event."""
+    max_defer_s: float = 600.0
+    """Longest postponement one defer may ask for."""
+
+
+@dataclass
+class Measurement:
+    """What happened to one VM in the window: its blackout and its clock afterwards."""
+
+    actual_pause_ms: float | None = None
+    forced: bool | None = None
+    clock_synced: bool | None = None
+    clock_method: str | None = None
+    skew_before_ms: float | None = None
+    skew_after_ms: float | None = None
+
+    def view(self, vm: str) -> dict[str, Any]:
+        """The extended view's entry for `vm`."""
+        return {
+            "Resource": vm,
+            "ActualPauseMs": self.actual_pause_ms,
+            "ForcedResume": self.forced,
+            "ClockSynced": self.clock_synced,
+            "ClockSyncMethod": self.clock_method,
+            "ClockSkewBeforeMs": self.skew_before_ms,
+            "ClockSkewMs": self.skew_after_ms,
+        }
 
 
 @dataclass
@@ -63,17 +165,35 @@ class ScheduledEvent:
     not_before: datetime | None
     description: str
     duration_s: int
+    scopes: list[Scope]
     status: Status = "Scheduled"
-    scopes: set[Scope] = field(default_factory=set)
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    outcome: str | None = None
+    approved_by: list[str] = field(default_factory=list)
+    deferrals: list[dict[str, Any]] = field(default_factory=list)
+    measurements: dict[str, Measurement] = field(default_factory=dict)
+    resource_scopes: dict[str, Scope] = field(default_factory=dict)
+    """Each impacted VM's scope: a caller is shown only the VMs of its own scope (one tenant's
+    availability set never learns another's VM names)."""
 
-    def view(self, api_version: str) -> dict[str, Any]:
-        """The event as Azure's API shows it in `api_version`."""
+    @property
+    def active(self) -> bool:
+        """Shown by Azure's API (Scheduled or Started)."""
+        return self.status in ACTIVE
+
+    def shown_to(self, scope: Scope | None, vms: list[str]) -> list[str]:
+        """The VMs of `vms` a caller of `scope` may see (all of them when `scope` is None)."""
+        return [vm for vm in vms if scope is None or self.resource_scopes.get(vm, scope) == scope]
+
+    def view(self, api_version: str, scope: Scope | None = None) -> dict[str, Any]:
+        """The event as Azure's API shows it in `api_version` to a caller of `scope`."""
         body: dict[str, Any] = {
             "EventId": str(self.event_id),
             "EventStatus": self.status,
             "EventType": self.event_type,
             "ResourceType": "VirtualMachine",
-            "Resources": list(self.resources),
+            "Resources": self.shown_to(scope, self.resources),
             "NotBefore": rfc1123(self.not_before)
             if self.status == "Scheduled" and self.not_before
             else "",
@@ -86,8 +206,94 @@ class ScheduledEvent:
                 del body[name]
         return body
 
+    def extended_view(
+        self, api_version: str, policy: DeferPolicy, scope: Scope | None = None
+    ) -> dict[str, Any]:
+        """Azure's fields plus what pausepatch measures and allows (the opt-in view)."""
+        shown = set(self.shown_to(scope, self.resources))
+        return {
+            **self.view(api_version, scope),
+            "StartedAt": rfc1123(self.started_at) if self.started_at else "",
+            "EndedAt": rfc1123(self.ended_at) if self.ended_at else "",
+            "Outcome": self.outcome or "",
+            "ApprovedBy": [vm for vm in self.approved_by if vm in shown],
+            "Deferrals": [
+                {"Resource": d["vm"], "DeferSeconds": d["defer_s"]}
+                for d in self.deferrals
+                if d["vm"] in shown
+            ],
+            "DefersRemaining": max(0, policy.max_defers - len(self.deferrals))
+            if self.status == "Scheduled"
+            else 0,
+            "MaxDeferSeconds": policy.max_defer_s,
+            "Measurements": [
+                self.measurements[vm].view(vm) for vm in sorted(self.measurements) if vm in shown
+            ],
+        }
 
-@dataclass
+    def to_json(self) -> dict[str, Any]:
+        """The event as kept in a snapshot."""
+        return {
+            "event_id": str(self.event_id),
+            "rollout_id": self.rollout_id,
+            "host": self.host,
+            "event_type": self.event_type,
+            "resources": self.resources,
+            "not_before": _iso(self.not_before),
+            "description": self.description,
+            "duration_s": self.duration_s,
+            "scopes": [list(s) for s in self.scopes],
+            "status": self.status,
+            "started_at": _iso(self.started_at),
+            "ended_at": _iso(self.ended_at),
+            "outcome": self.outcome,
+            "approved_by": self.approved_by,
+            "deferrals": self.deferrals,
+            "measurements": {vm: vars(m) for vm, m in self.measurements.items()},
+            "resource_scopes": {vm: list(s) for vm, s in self.resource_scopes.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ScheduledEvent:
+        """The event from a snapshot."""
+        return cls(
+            event_id=uuid.UUID(data["event_id"]),
+            rollout_id=data["rollout_id"],
+            host=data["host"],
+            event_type=data["event_type"],
+            resources=list(data["resources"]),
+            not_before=_dt(data["not_before"]),
+            description=data["description"],
+            duration_s=data["duration_s"],
+            scopes=[(s[0], s[1]) for s in data["scopes"]],
+            status=data["status"],
+            started_at=_dt(data["started_at"]),
+            ended_at=_dt(data["ended_at"]),
+            outcome=data["outcome"],
+            approved_by=list(data["approved_by"]),
+            deferrals=list(data["deferrals"]),
+            measurements={vm: Measurement(**m) for vm, m in data["measurements"].items()},
+            resource_scopes={vm: (s[0], s[1]) for vm, s in data.get("resource_scopes", {}).items()},
+        )
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change of one scheduled event, caused by one bus event."""
+
+    kind: ChangeKind
+    event: ScheduledEvent
+    cause_id: uuid.UUID
+    occurred_at: datetime
+    vm: str | None = None
+
+    @property
+    def strict(self) -> bool:
+        """It changes Azure's events array."""
+        return self.kind in STRICT_CHANGES
+
+
+@dataclass(frozen=True)
 class Caller:
     """A VM identified by its address."""
 
@@ -97,28 +303,90 @@ class Caller:
 
 
 class ScheduledEventsDocument:
-    """Every scope's events and incarnation."""
+    """Every scope's events and incarnations, built by `apply` from the bus events in order."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, policy: DeferPolicy | None = None, extended_retention_s: float = 3600.0
+    ) -> None:
+        self.policy = policy or DeferPolicy()
+        self.retention = timedelta(seconds=extended_retention_s)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (before a replay of the whole stream)."""
         self.events: dict[uuid.UUID, ScheduledEvent] = {}
         self.incarnations: dict[Scope, int] = {}
-        self.callers: dict[str, Caller] = {}
+        self.extended_changes: dict[Scope, int] = {}
+        self.extended_aged_out: dict[Scope, int] = {}
         self.placement: dict[str, VMInfo] = {}
-        self._host_ips: dict[str, set[str]] = {}
+        self.host_vms: dict[str, list[str]] = {}
+        self.callers: dict[str, Caller] = {}
+        self.by_run: dict[tuple[str, str], uuid.UUID] = {}
+        self.seq = 0
+        """Stream sequence of the last bus event applied."""
+        self._moved: set[Scope | None] = set()
 
-    # ------------------------------------------------------------ inventory
+    # ------------------------------------------------------------ applying bus events
 
-    def on_inventory(self, event: HostInventory) -> None:
-        """Learn which address is which VM, and each VM's set."""
-        for ip in self._host_ips.pop(event.host, set()):
-            self.callers.pop(ip, None)
-        ips: set[str] = set()
+    def apply(self, event: Event) -> list[Change]:
+        """Apply one bus event; the changes it made (none for most events)."""
+        changes: list[Change]
+        if isinstance(event, HostInventory):
+            self._on_inventory(event)
+            changes = []
+        elif isinstance(event, MaintenancePlanned):
+            changes = self._on_planned(event)
+        elif isinstance(event, MaintenanceApproved):
+            changes = self._on_approved(event)
+        elif isinstance(event, MaintenanceDeferred):
+            changes = self._on_deferred(event)
+        elif isinstance(event, MaintenanceStarted):
+            changes = self._on_started(event)
+        elif isinstance(event, MaintenanceCompleted):
+            changes = self._on_completed(event)
+        elif isinstance(event, MaintenanceCancelled):
+            changes = self._end(
+                event.scheduled_event_id, "Canceled", event.reason or "canceled", event
+            )
+        elif isinstance(event, VMResumed | ClockSynced):
+            changes = self._on_measurement(event)
+        elif isinstance(event, RolloutStatus):
+            changes = self._on_rollout_status(event)
+        else:
+            changes = []
+        for change in changes:
+            for scope in change.event.scopes:
+                if change.strict:
+                    self.incarnations[scope] = self.incarnations.get(scope, 0) + 1
+                self.extended_changes[scope] = self.extended_changes.get(scope, 0) + 1
+        return changes
+
+    def _on_inventory(self, event: HostInventory) -> None:
+        before: dict[str, Caller] = {}
+        for name in self.host_vms.pop(event.host, []):
+            ip = self.placement[name].ip if name in self.placement else None
+            caller = self.callers.get(ip) if ip else None
+            # The address may belong to the VM on another host by now (it moved).
+            if ip and caller is not None and caller.host == event.host:
+                before[ip] = self.callers.pop(ip)
+        names = []
         for vm in event.vms:
             self.placement[vm.vm] = vm
+            names.append(vm.vm)
             if vm.ip:
-                self.callers[vm.ip] = Caller(vm.vm, event.host, self.scope_of(vm.vm))
-                ips.add(vm.ip)
-        self._host_ips[event.host] = ips
+                caller = Caller(vm.vm, event.host, self.scope_of(vm.vm))
+                self.callers[vm.ip] = caller
+                if before.pop(vm.ip, None) != caller:
+                    self._moved.add(None)
+                    self._moved.add(caller.scope)
+        self.host_vms[event.host] = names
+        for gone in before.values():
+            self._moved.add(gone.scope)
+
+    def take_moved_scopes(self) -> set[Scope | None]:
+        """Scopes whose callers changed since the last call (None: the unknown callers)."""
+        moved, self._moved = self._moved, set()
+        return moved
 
     def scope_of(self, vm: str) -> Scope:
         """The scope whose document `vm` reads."""
@@ -127,21 +395,18 @@ class ScheduledEventsDocument:
             return ("set", info.availability_set)
         return ("vm", vm)
 
-    # ------------------------------------------------------------ maintenance
-
-    def _changed(self, event: ScheduledEvent) -> None:
-        for scope in event.scopes:
-            self.incarnations[scope] = self.incarnations.get(scope, 0) + 1
-
-    def on_planned(self, event: MaintenancePlanned) -> bool:
-        """A new (or re-announced) scheduled event. True if any document changed."""
+    def _on_planned(self, event: MaintenancePlanned) -> list[Change]:
         known = self.events.get(event.scheduled_event_id)
         if known is not None:
             if known.status != "Scheduled" or known.not_before == event.not_before:
-                return False
+                return []
             known.not_before = event.not_before
-            self._changed(known)
-            return True
+            # A new notice voids earlier approvals, as the planner does on a defer.
+            known.approved_by.clear()
+            return [Change("rescheduled", known, event.event_id, event.occurred_at)]
+        scopes = sorted({self.scope_of(vm) for vm in event.vms})
+        if not scopes:
+            return []
         scheduled = ScheduledEvent(
             event_id=event.scheduled_event_id,
             rollout_id=event.rollout_id,
@@ -149,39 +414,126 @@ class ScheduledEventsDocument:
             event_type=event.event_type,
             resources=sorted(event.vms),
             not_before=event.not_before,
-            description=event.description,
-            duration_s=round(event.expected_pause_s) if event.expected_pause_s else -1,
-            scopes={self.scope_of(vm) for vm in event.vms},
+            description=event.description or DEFAULT_DESCRIPTION[event.event_type],
+            duration_s=duration_in_seconds(event.event_type, event.expected_pause_s),
+            scopes=scopes,
+            resource_scopes={vm: self.scope_of(vm) for vm in event.vms},
         )
-        if not scheduled.scopes:
-            return False
         self.events[scheduled.event_id] = scheduled
-        self._changed(scheduled)
-        return True
+        self.by_run[(event.rollout_id, event.host)] = scheduled.event_id
+        return [Change("scheduled", scheduled, event.event_id, event.occurred_at)]
 
-    def on_started(self, event: MaintenanceStarted) -> bool:
-        """Scheduled → Started (NotBefore becomes "")."""
+    def _on_approved(self, event: MaintenanceApproved) -> list[Change]:
+        known = self.events.get(event.scheduled_event_id)
+        if known is None or known.status != "Scheduled" or event.vm in known.approved_by:
+            return []
+        known.approved_by.append(event.vm)
+        return [Change("approved", known, event.event_id, event.occurred_at, event.vm)]
+
+    def _on_deferred(self, event: MaintenanceDeferred) -> list[Change]:
         known = self.events.get(event.scheduled_event_id)
         if known is None or known.status != "Scheduled":
-            return False
+            return []
+        known.deferrals.append({"vm": event.vm, "defer_s": event.defer_s})
+        return [Change("deferred", known, event.event_id, event.occurred_at, event.vm)]
+
+    def _on_started(self, event: MaintenanceStarted) -> list[Change]:
+        known = self.events.get(event.scheduled_event_id)
+        if known is None or known.status != "Scheduled":
+            return []
         known.status = "Started"
-        self._changed(known)
-        return True
+        known.started_at = event.occurred_at
+        return [Change("started", known, event.event_id, event.occurred_at)]
 
-    def _remove(self, event_id: uuid.UUID) -> bool:
-        known = self.events.pop(event_id, None)
-        if known is None:
-            return False
-        self._changed(known)
-        return True
+    def _on_completed(self, event: MaintenanceCompleted) -> list[Change]:
+        if event.scheduled_event_id is None:
+            return []
+        for outcome in event.vms:
+            known = self.events.get(event.scheduled_event_id)
+            if known is not None and outcome.paused_ms is not None:
+                measured = known.measurements.setdefault(outcome.vm, Measurement())
+                if measured.actual_pause_ms is None:
+                    measured.actual_pause_ms = outcome.paused_ms
+        return self._end(
+            event.scheduled_event_id,
+            "Completed",
+            "Succeeded" if event.ok else f"Failed: {event.error or 'see the rollout'}",
+            event,
+        )
 
-    def on_completed(self, event: MaintenanceCompleted) -> bool:
-        """The host's VMs run again: the event disappears."""
-        return event.scheduled_event_id is not None and self._remove(event.scheduled_event_id)
+    def _end(self, event_id: uuid.UUID, status: Status, outcome: str, cause: Event) -> list[Change]:
+        known = self.events.get(event_id)
+        if known is None or not known.active:
+            return []
+        known.status = status
+        known.ended_at = cause.occurred_at
+        known.outcome = outcome
+        kind: ChangeKind = "completed" if status == "Completed" else "canceled"
+        return [Change(kind, known, cause.event_id, cause.occurred_at)]
 
-    def on_cancelled(self, event: MaintenanceCancelled) -> bool:
-        """Cancelled before it started: the event disappears."""
-        return self._remove(event.scheduled_event_id)
+    def _on_rollout_status(self, event: RolloutStatus) -> list[Change]:
+        """A finished rollout leaves no event behind, even for a host that never reported."""
+        if event.state not in ("completed", "failed"):
+            return []
+        changes = []
+        for known in list(self.events.values()):
+            if known.rollout_id != event.rollout_id or not known.active:
+                continue
+            if known.status == "Started":
+                changes += self._end(
+                    known.event_id, "Completed", "Unknown: the host never reported", event
+                )
+            else:
+                changes += self._end(known.event_id, "Canceled", f"rollout {event.state}", event)
+        return changes
+
+    def _on_measurement(self, event: VMResumed | ClockSynced) -> list[Change]:
+        if event.rollout_id is None:
+            return []
+        known = self.events.get(self.by_run.get((event.rollout_id, event.host), uuid.UUID(int=0)))
+        # Late measurements are taken while the ended event is still shown, judged by the
+        # events' own timestamps so that every replica decides alike.
+        if (
+            known is None
+            or event.vm not in known.resources
+            or (known.ended_at is not None and event.occurred_at > known.ended_at + self.retention)
+        ):
+            return []
+        measured = known.measurements.setdefault(event.vm, Measurement())
+        if isinstance(event, VMResumed):
+            measured.actual_pause_ms = event.paused_ms
+            measured.forced = event.forced
+        else:
+            measured.clock_synced = event.ok
+            measured.clock_method = event.method
+            measured.skew_before_ms = event.skew_before_ms
+            measured.skew_after_ms = event.skew_after_ms
+        return [Change("measured", known, event.event_id, event.occurred_at, event.vm)]
+
+    # ------------------------------------------------------------ ageing out
+
+    def prune(self, now: datetime, grace_s: float = 300.0) -> None:
+        """Forget events ended longer than the retention (plus a grace for late measurements)
+        ago. Their age-out is already counted in the extended incarnation."""
+        horizon = now - self.retention - timedelta(seconds=grace_s)
+        for known in list(self.events.values()):
+            if known.ended_at is not None and known.ended_at < horizon:
+                del self.events[known.event_id]
+                self.by_run.pop((known.rollout_id, known.host), None)
+                for scope in known.scopes:
+                    self.extended_aged_out[scope] = self.extended_aged_out.get(scope, 0) + 1
+
+    def _aged_out(self, known: ScheduledEvent, now: datetime) -> bool:
+        return known.ended_at is not None and known.ended_at + self.retention <= now
+
+    def next_age_out(self, scope: Scope, now: datetime) -> datetime | None:
+        """When the next ended event of `scope` leaves the extended view, if any."""
+        due = [
+            e.ended_at + self.retention
+            for e in self.events.values()
+            if scope in e.scopes and e.ended_at is not None and not self._aged_out(e, now)
+        ]
+        return min(due, default=None)
 
     # ------------------------------------------------------------ views
 
@@ -190,18 +542,52 @@ class ScheduledEventsDocument:
         return self.callers.get(address)
 
     def visible(self, caller: Caller | None) -> list[ScheduledEvent]:
-        """Events the caller may see (none for an unknown caller), in a stable order."""
+        """Active events the caller may see (none for an unknown caller), in a stable order."""
         if caller is None:
             return []
-        events = [e for e in self.events.values() if caller.scope in e.scopes]
+        return [e for e in self._of_scope(caller.scope) if e.active]
+
+    def _of_scope(self, scope: Scope) -> list[ScheduledEvent]:
+        events = [e for e in self.events.values() if scope in e.scopes]
         return sorted(events, key=lambda e: (e.host, str(e.event_id)))
 
+    def incarnation(self, caller: Caller | None) -> int:
+        """Azure's `DocumentIncarnation` of the caller's document."""
+        return self.incarnations.get(caller.scope, 0) if caller else 0
+
     def render(self, caller: Caller | None, api_version: str) -> dict[str, Any]:
-        """The document for `caller` in `api_version`."""
-        incarnation = self.incarnations.get(caller.scope, 0) if caller else 0
+        """The document for `caller` in `api_version`, as Azure shows it."""
         return {
-            "DocumentIncarnation": incarnation,
-            "Events": [e.view(api_version) for e in self.visible(caller)],
+            "DocumentIncarnation": self.incarnation(caller),
+            "Events": [e.view(api_version, caller.scope) for e in self.visible(caller)]
+            if caller
+            else [],
+        }
+
+    def extended_incarnation(self, caller: Caller | None, now: datetime) -> int:
+        """The extended view's incarnation: one more on every change of its array, an ended
+        event ageing out included (computed from timestamps, so replicas agree)."""
+        if caller is None:
+            return 0
+        scope = caller.scope
+        held = sum(1 for e in self.events.values() if scope in e.scopes and self._aged_out(e, now))
+        return self.extended_changes.get(scope, 0) + self.extended_aged_out.get(scope, 0) + held
+
+    def render_extended(
+        self, caller: Caller | None, api_version: str, now: datetime
+    ) -> dict[str, Any]:
+        """The extended view: ended events kept for the retention, with measurements."""
+        events = []
+        if caller is not None:
+            events = [
+                e.extended_view(api_version, self.policy, caller.scope)
+                for e in self._of_scope(caller.scope)
+                if not self._aged_out(e, now)
+            ]
+        return {
+            "DocumentIncarnation": self.extended_incarnation(caller, now),
+            "Events": events,
+            "Extended": True,
         }
 
     @staticmethod
@@ -210,13 +596,54 @@ class ScheduledEventsDocument:
         digest = hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
         return f'"{digest[:32]}"'
 
-    def approvable(self, caller: Caller | None, event_id: str) -> ScheduledEvent | None:
-        """The event `caller` may approve under this id, if any (visible and still Scheduled)."""
+    def find(self, caller: Caller | None, event_id: str) -> ScheduledEvent | None:
+        """The active event `caller` can see under `event_id`, if any."""
         try:
             wanted = uuid.UUID(event_id)
         except ValueError:
             return None
-        for event in self.visible(caller):
-            if event.event_id == wanted:
-                return event
-        return None
+        known = self.events.get(wanted)
+        if known is None or caller is None or not known.active or caller.scope not in known.scopes:
+            return None
+        return known
+
+    # ------------------------------------------------------------ snapshots
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything needed to go on from `seq` (a snapshot)."""
+        return {
+            "format": 1,
+            "seq": self.seq,
+            "events": [e.to_json() for e in self.events.values()],
+            "incarnations": _scoped(self.incarnations),
+            "extended_changes": _scoped(self.extended_changes),
+            "extended_aged_out": _scoped(self.extended_aged_out),
+            "hosts": {
+                host: [self.placement[vm].to_json() for vm in vms if vm in self.placement]
+                for host, vms in self.host_vms.items()
+            },
+        }
+
+    def load(self, data: dict[str, Any]) -> None:
+        """Replace the state with a snapshot's (`ValueError` for one of another format)."""
+        if data.get("format") != 1:
+            raise ValueError(f"unknown snapshot format {data.get('format')!r}")
+        self.reset()
+        self.seq = int(data["seq"])
+        for raw in data["events"]:
+            known = ScheduledEvent.from_json(raw)
+            self.events[known.event_id] = known
+            self.by_run[(known.rollout_id, known.host)] = known.event_id
+        self.incarnations = _unscoped(data["incarnations"])
+        self.extended_changes = _unscoped(data["extended_changes"])
+        self.extended_aged_out = _unscoped(data["extended_aged_out"])
+        for host, vms in data["hosts"].items():
+            self._on_inventory(HostInventory(host=host, vms=[VMInfo(**vm) for vm in vms]))
+
+
+def _scoped(counts: dict[Scope, int]) -> list[list[Any]]:
+    return [[kind, name, n] for (kind, name), n in sorted(counts.items())]
+
+
+def _unscoped(rows: Iterable[list[Any]]) -> dict[Scope, int]:
+    return {(kind, name): int(n) for kind, name, n in rows}

@@ -1,56 +1,53 @@
 """notifier's FastStream app with its HTTP server: `python -m services.notifier --listen HOST:PORT`
 or `faststream run services.notifier.main:app` (listen address from `PP_LISTEN`).
 
-Serves the Scheduled Events API to the VMs and turns their approvals into bus events.
+Serves the Scheduled Events API to the VMs, turns their approvals and defers into bus events, and
+pushes every change to the configured webhooks.
+
+At start the documents come from the KV snapshot, then the stream from just after the snapshot is
+replayed in order by an ordered consumer of its own (every replica sees every event); the API
+opens once the replay reached the stream's end as it was at start, so a restarted replica never
+serves an older document than the one it served before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import time
 from collections.abc import Iterator
-from typing import Any
+from datetime import timedelta
 
 import uvicorn
 from faststream import FastStream
 from faststream.middlewares import AckPolicy
 from faststream.nats import DeliverPolicy, NatsMessage
+from nats.js.api import ConsumerConfig
 
 from services.notifier.api import build_api
-from services.notifier.document import ScheduledEvent, ScheduledEventsDocument
-from shared.bus import EventPublisher, events_stream, make_app, make_broker, wait_for_stream
-from shared.contracts import (
-    HostInventory,
-    MaintenanceApproved,
-    MaintenanceCancelled,
-    MaintenanceCompleted,
-    MaintenancePlanned,
-    MaintenanceStarted,
-    parse_event,
+from services.notifier.document import ACCEPTED, Change, DeferPolicy, ScheduledEventsDocument
+from services.notifier.service import ScheduledEventsService
+from services.notifier.settings import NotifierSettings
+from services.notifier.snapshots import SnapshotStore
+from services.notifier.webhooks import RetryPolicy, WebhookDispatcher
+from shared import subjects
+from shared.bus import (
+    EventPublisher,
+    events_stream,
+    key_value,
+    make_app,
+    make_broker,
+    wait_for_stream,
 )
+from shared.contracts import InvalidMessage, parse_event, utcnow
 from shared.logs import setup_logging
-from shared.settings import BusSettings
 from shared.telemetry import setup_telemetry
 
 SERVICE = "notifier"
 
 log = logging.getLogger(__name__)
-
-ACCEPTED = (
-    HostInventory,
-    MaintenancePlanned,
-    MaintenanceStarted,
-    MaintenanceCompleted,
-    MaintenanceCancelled,
-)
-
-
-class NotifierSettings(BusSettings):
-    """notifier settings (`PP_LISTEN`, ...)."""
-
-    listen: str = "127.0.0.1:8080"
-    """HOST:PORT of the Scheduled Events API (the VMs reach it as 169.254.169.254:80)."""
 
 
 class _Server(uvicorn.Server):
@@ -67,50 +64,89 @@ def build_app(settings: NotifierSettings) -> FastStream:
     telemetry = setup_telemetry(SERVICE)
     broker = make_broker(SERVICE, settings, telemetry)
     publisher = EventPublisher(broker)
-    document = ScheduledEventsDocument()
-
-    async def approve(event: ScheduledEvent, vm: str) -> None:
-        await publisher.publish(
-            MaintenanceApproved(
-                host=event.host,
-                rollout_id=event.rollout_id,
-                scheduled_event_id=event.event_id,
-                vm=vm,
-            )
-        )
-        log.info("event %s approved by %s", event.event_id, vm)
-
-    # The whole host event history, in stream order, rebuilds the documents at start; every
-    # replica replays the same sequence and so serves the same document and incarnation.
-    @broker.subscriber(
-        "pp.evt.host.>",
-        stream=events_stream(declare=False),
-        deliver_policy=DeliverPolicy.ALL,
-        ack_policy=AckPolicy.ACK_FIRST,
-        title="pp.evt.host.>:notifier",
-        description="Inventory and maintenance events that make up the documents.",
+    policy = DeferPolicy(settings.max_defers, settings.max_defer_s)
+    document = ScheduledEventsDocument(policy, settings.extended_retention_s)
+    webhooks = WebhookDispatcher(
+        settings.webhook_urls,
+        policy,
+        RetryPolicy(
+            settings.webhook_max_attempts,
+            settings.webhook_backoff_s,
+            settings.webhook_backoff_max_s,
+            settings.webhook_timeout_s,
+        ),
+        settings.webhook_queue_max,
     )
-    async def on_host_event(body: dict[str, Any], msg: NatsMessage) -> None:
-        event = parse_event(body, ACCEPTED, msg.raw_message.subject)
-        if isinstance(event, HostInventory):
-            document.on_inventory(event)
-        elif isinstance(event, MaintenancePlanned):
-            document.on_planned(event)
-        elif isinstance(event, MaintenanceStarted):
-            document.on_started(event)
-        elif isinstance(event, MaintenanceCompleted):
-            document.on_completed(event)
-        elif isinstance(event, MaintenanceCancelled):
-            document.on_cancelled(event)
+    max_age = timedelta(seconds=settings.webhook_max_age_s)
 
-    api = build_api(document, approve)
+    def push(changes: list[Change]) -> None:
+        # Changes replayed at start that are long past were pushed when they happened.
+        horizon = utcnow() - max_age
+        for change in changes:
+            if change.occurred_at >= horizon:
+                webhooks.push(change)
+
+    service = ScheduledEventsService(document, publisher.publish, push)
+    snapshot_state: dict[str, float] = {"seq": 0, "at": time.monotonic()}
+    store: list[SnapshotStore] = []
+    saving: set[asyncio.Task[None]] = set()
+
+    async def save_snapshot(snapshot: dict[str, object]) -> None:
+        try:
+            if await store[0].save(snapshot):
+                log.debug("snapshot written at seq %s", snapshot["seq"])
+        except Exception:
+            log.exception("could not write the snapshot")
+
+    def maybe_snapshot() -> None:
+        due = document.seq - snapshot_state["seq"] >= settings.snapshot_every or (
+            document.seq > snapshot_state["seq"]
+            and time.monotonic() - snapshot_state["at"] >= settings.snapshot_interval_s
+        )
+        if not due or not store or saving:
+            return
+        document.prune(utcnow())
+        snapshot = document.to_json()  # taken now: exactly the state after `seq`
+        snapshot_state.update(seq=document.seq, at=time.monotonic())
+        task = asyncio.create_task(save_snapshot(snapshot))
+        saving.add(task)
+        task.add_done_callback(saving.discard)
+
+    async def on_bus_event(msg: NatsMessage) -> None:
+        """Inventory, maintenance and measurement events, in stream order, make the documents."""
+        raw = msg.raw_message
+        seq = raw.metadata.sequence.stream
+        try:
+            try:
+                body = json.loads(msg.body)
+            except ValueError as exc:
+                raise InvalidMessage(f"not JSON: {exc}") from exc
+            event = parse_event(body, ACCEPTED, raw.subject)
+            if event is None:
+                service.skip(seq)
+            else:
+                service.apply(event, seq)
+        except Exception:
+            service.skip(seq)  # dead-lettered by the middleware; the replay goes on
+            raise
+        finally:
+            maybe_snapshot()
+
+    api = build_api(service, settings.long_poll_max_s)
     host, _, port = settings.listen.rpartition(":")
     server = _Server(
         uvicorn.Config(
-            api, host=host or "0.0.0.0", port=int(port), log_level="warning", access_log=False
+            api,
+            host=host or "0.0.0.0",
+            port=int(port),
+            log_level="warning",
+            access_log=False,
+            http="httptools",
+            backlog=4096,
         )
     )
     tasks: list[asyncio.Task[None]] = []
+    catch_up: dict[str, int] = {"target": 0}
 
     app = make_app(
         broker, SERVICE, "Scheduled Events API for the VMs; turns approvals into bus events."
@@ -120,12 +156,63 @@ def build_app(settings: NotifierSettings) -> FastStream:
     async def startup() -> None:
         await broker.connect()
         await wait_for_stream(broker)
+        store.append(
+            SnapshotStore(
+                await key_value(broker, settings.snapshot_bucket, settings.stream_replicas)
+            )
+        )
+        info = await broker.config.connection_state.stream.stream_info(subjects.STREAM_NAME)
+        catch_up["target"] = info.state.last_seq
+        snapshot = await store[0].load()
+        try:
+            if snapshot is not None and int(snapshot["seq"]) <= info.state.last_seq:
+                document.load(snapshot)
+                snapshot_state["seq"] = document.seq
+                log.info("documents loaded from the snapshot at stream seq %d", document.seq)
+            elif snapshot is not None:
+                log.warning("ignoring a snapshot beyond the stream's end: was it recreated?")
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("ignoring an unusable snapshot (%s): replaying the whole stream", exc)
+            document.reset()
+        if document.seq + 1 < info.state.first_seq:
+            log.warning(
+                "the stream starts at seq %d, after the snapshot's %d: events in between are lost",
+                info.state.first_seq,
+                document.seq,
+            )
+        # An ordered consumer of this replica's own, from just after the snapshot: every replica
+        # applies every event in the one stream order.
+        broker.subscriber(
+            subjects.EVENTS_ROOT,
+            stream=events_stream(declare=False),
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            config=ConsumerConfig(opt_start_seq=document.seq + 1),
+            ack_policy=AckPolicy.ACK_FIRST,
+            title="pp.evt.>:notifier",
+            description="Inventory, maintenance and measurement events that make the documents.",
+        )(on_bus_event)
 
     @app.after_startup
     async def serve() -> None:
+        webhooks.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.catch_up_timeout_s
+        while document.seq < catch_up["target"] and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        if document.seq < catch_up["target"]:
+            log.warning(
+                "replay not finished after %.0f s (seq %d of %d): serving anyway",
+                settings.catch_up_timeout_s,
+                document.seq,
+                catch_up["target"],
+            )
         tasks.append(asyncio.create_task(server.serve(), name="http"))
         log.info(
-            "Scheduled Events API on http://%s%s", settings.listen, "/metadata/scheduledevents"
+            "Scheduled Events API on http://%s%s (documents at stream seq %d)",
+            settings.listen,
+            "/metadata/scheduledevents",
+            document.seq,
         )
 
     @app.on_shutdown
@@ -133,6 +220,7 @@ def build_app(settings: NotifierSettings) -> FastStream:
         server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
         await publisher.stop()
+        await webhooks.stop()
         telemetry.shutdown()
 
     return app

@@ -15,8 +15,15 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Link, Tracer
 
-from services.planner.state import HostRun, Rollout, RolloutStore, VMRecord, new_rollout_id
-from services.planner.waves import WavePlan, check_plan, plan_waves
+from services.planner.state import (
+    HostRun,
+    Rollout,
+    RolloutStore,
+    VMRecord,
+    new_rollout_id,
+    placement_of,
+)
+from services.planner.waves import PlanningError, WavePlan, plan_waves
 from shared.contracts import (
     ClockSynced,
     ErrorReply,
@@ -131,16 +138,15 @@ class RolloutEngine:
         clash = sorted(set(wanted) & busy)
         if clash:
             raise RequestError("hosts-busy", {"hosts": clash, "reason": "in an active rollout"})
-        plan = plan_waves(
-            fleet,
-            hosts=wanted,
-            max_hosts_in_flight=request.max_hosts_in_flight,
-            allow_placement_violations=request.allow_placement_violations,
-        )
-        problems = check_plan(fleet, plan)
-        if problems:
-            raise RequestError("plan-invalid", problems)
-        return plan
+        try:
+            return plan_waves(
+                fleet,
+                hosts=wanted,
+                max_hosts_in_flight=request.max_hosts_in_flight,
+                allow_placement_violations=request.allow_placement_violations,
+            )
+        except PlanningError as exc:
+            raise RequestError("plan-invalid", str(exc)) from exc
 
     def _busy_hosts(self) -> set[str]:
         busy: set[str] = set()
@@ -181,6 +187,7 @@ class RolloutEngine:
                     wave=wave,
                     event_type=rollout.event_type,
                     vms=[v.vm for v in fleet.get(host, [])],
+                    placement=placement_of(fleet.get(host, [])),
                 )
                 self.hosts[(rollout.rollout_id, host)] = run
                 await self.store.save_host(run)
@@ -571,6 +578,13 @@ class RolloutEngine:
         VM that moved still never shares a wave with another UD of its set."""
         remaining = [h for wave in rollout.waves[rollout.current_wave :] for h in wave]
         fleet = self._fleet()
+        unchanged = all(
+            host in fleet
+            and placement_of(fleet[host]) == self.hosts[(rollout.rollout_id, host)].placement
+            for host in remaining
+        )
+        if unchanged:
+            return  # the plan still holds: keep it as announced
         plan = plan_waves(
             fleet,
             hosts=remaining,
@@ -596,6 +610,7 @@ class RolloutEngine:
             for host in wave:
                 run = self.hosts[(rollout.rollout_id, host)]
                 run.wave = rollout.current_wave + offset
+                run.placement = placement_of(fleet[host])
                 await self.store.save_host(run)
         rollout.waves = rollout.waves[: rollout.current_wave] + new_waves
         rollout.note(f"re-planned {len(remaining)} remaining host(s) into {len(new_waves)} wave(s)")

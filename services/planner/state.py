@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
 
 from nats.js.errors import KeyWrongLastSequenceError
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.contracts import RolloutState, RolloutSubmit, utcnow
+from shared.contracts import RolloutState, RolloutSubmit, VMInfo, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class HostRun(BaseModel):
     error: str | None = None
     recovered: bool = False
     vm_records: dict[str, VMRecord] = Field(default_factory=dict)
+    placement: list[tuple[str, int]] = Field(default_factory=list)
+    """The (availability set, update domain) pairs the host carried when it was planned."""
     trace_carrier: dict[str, str] = Field(default_factory=dict)
 
     @property
@@ -116,6 +119,11 @@ class Rollout(BaseModel):
     def active(self) -> bool:
         """Not finished."""
         return self.state in ACTIVE_ROLLOUT_STATES
+
+
+def placement_of(vms: Sequence[VMInfo]) -> list[tuple[str, int]]:
+    """A host's (set, UD) pairs, sorted: what its place in a plan depends on."""
+    return sorted({(v.availability_set, v.update_domain or 0) for v in vms if v.availability_set})
 
 
 def new_rollout_id() -> str:

@@ -1,0 +1,275 @@
+"""Writes the NATS users of a pausepatch deployment: one user per service, one per host-agent, and
+one for operators, each with the least subject permissions its service really uses.
+
+    python deploy/nats/nats_auth.py hv-01 hv-02 hv-03 > deploy/nats/auth.conf
+
+Passwords are not in the file: each user's password is a NATS config variable read from the
+server's environment (`PP_NATS_PASSWORD_PLANNER`, `PP_NATS_PASSWORD_HOST_HV_01`, ...), so a
+missing secret stops the server at start instead of opening a hole. The server reads such a value
+as a config token: a password must begin with a letter and hold only letters, digits, `-` and `_`
+(`-abc`, `10MB` or `1e5` would be read as something else and stop the server).
+
+What each service does on the wire (checked by tests/test_deploy_nats.py on a real nats-server):
+JetStream pull consumers ask `$JS.API.CONSUMER.{CREATE,INFO,MSG.NEXT}` for their own durable and
+ack on `$JS.ACK.<stream>.<durable>.>`; push and ordered consumers (the planner's inventory, the
+notifier's replay) are ephemeral; replies arrive on `_INBOX.>`; command handlers answer through
+`allow_responses`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass, field
+
+from shared import subjects
+from shared.bus import DLQ_STREAM_NAME
+from shared.contracts import is_valid_name
+
+STREAM = subjects.STREAM_NAME
+PLANNER_BUCKETS = ("pp_rollouts", "pp_planner_lease")
+"""The planner's KV buckets (services/planner/main.py)."""
+NOTIFIER_BUCKET = "pp_notifier"
+"""The notifier's snapshot bucket (`PP_SNAPSHOT_BUCKET`, services/notifier/settings.py)."""
+PLANNER_DURABLES = {
+    "planner-approved": subjects.host_approved(),
+    "planner-deferred": subjects.host_deferred(),
+    "planner-paused": subjects.vm_paused(),
+    "planner-patched": subjects.host_patched(),
+    "planner-resumed": subjects.vm_resumed(),
+    "planner-completed": subjects.host_completed(),
+    "planner-clock": subjects.vm_clock(),
+}
+"""The planner's durable pull consumers and their filters (services/planner/main.py)."""
+CLOCK_SYNC_DURABLES = {"clock-sync-resumed": subjects.vm_resumed()}
+CLOCK_SYNC_BUCKET = "pp_clock_done"
+"""clock-sync's record of the resumes it handled (services/clock_sync/main.py)."""
+INBOX = "_INBOX.>"
+
+
+def host_agent_durable(host: str) -> str:
+    """The durable consumer of one host's `MaintenanceStarted` (services/host_agent/main.py)."""
+    return f"host-agent-{host}-started"
+
+
+def password_variable(user: str) -> str:
+    """The environment variable holding `user`'s password."""
+    name = user.removeprefix("host-agent-")
+    prefix = "PP_NATS_PASSWORD_HOST_" if user.startswith("host-agent-") else "PP_NATS_PASSWORD_"
+    return prefix + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+
+
+@dataclass
+class User:
+    """One NATS user and its permissions."""
+
+    name: str
+    comment: str
+    publish: list[str] = field(default_factory=list)
+    subscribe: list[str] = field(default_factory=list)
+    responds: bool = False
+    """Answers requests (`allow_responses`): may publish once to each request's reply subject."""
+
+    def render(self) -> str:
+        lines = [
+            f"    # {self.comment}",
+            "    {",
+            f"      user: {_quote(self.name)}",
+            f"      password: ${password_variable(self.name)}",
+            "      permissions: {",
+            "        publish: {allow: [",
+            *(f"          {_quote(s)}," for s in self.publish),
+            "        ]}",
+            "        subscribe: {allow: [",
+            *(f"          {_quote(s)}," for s in self.subscribe),
+            "        ]}",
+        ]
+        if self.responds:
+            lines.append("        allow_responses: true")
+        lines += ["      }", "    }"]
+        return "\n".join(lines)
+
+
+def _quote(value: str) -> str:
+    return f'"{value}"'
+
+
+def _pull_consumers(stream: str, durables: dict[str, str]) -> list[str]:
+    """What a durable pull consumer needs: create (with its own filter), info, fetch, ack."""
+    allowed = []
+    for durable, filter_subject in durables.items():
+        allowed += [
+            f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.{filter_subject}",
+            f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+            f"$JS.ACK.{stream}.{durable}.>",
+        ]
+    return allowed
+
+
+def _ephemeral_consumer(stream: str) -> list[str]:
+    """A push or ordered consumer without a name (its filter is in the request body), its acks
+    and its flow-control replies."""
+    return [f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>"]
+
+
+def _kv_bucket(bucket: str) -> list[str]:
+    """Create, read, write and list the keys of one KV bucket."""
+    stream = f"KV_{bucket}"
+    return [
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.STREAM.CREATE.{stream}",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.*",
+        f"$JS.API.CONSUMER.DELETE.{stream}.*",
+        f"$JS.FC.{stream}.>",
+        f"$KV.{bucket}.>",
+    ]
+
+
+def planner() -> User:
+    """Owns the streams and the rollout state, answers `pp.cmd.rollout.*`, announces and starts
+    maintenance."""
+    streams = [
+        f"$JS.API.STREAM.{verb}.{name}"
+        for name in (STREAM, DLQ_STREAM_NAME)
+        for verb in ("INFO", "CREATE", "UPDATE")
+    ]
+    return User(
+        "planner",
+        "planner: owns the streams and KV buckets, plans and starts maintenance",
+        publish=[
+            subjects.host_planned(),
+            subjects.host_started(),
+            subjects.host_cancelled(),
+            subjects.rollout_status(),
+            subjects.dead_letter("planner"),
+            *streams,
+            "$JS.API.STREAM.NAMES",
+            *_ephemeral_consumer(STREAM),
+            *_pull_consumers(STREAM, PLANNER_DURABLES),
+            *(s for bucket in PLANNER_BUCKETS for s in _kv_bucket(bucket)),
+        ],
+        subscribe=[subjects.rollout_command("*"), INBOX],
+        responds=True,
+    )
+
+
+def notifier() -> User:
+    """Replays the events that make up the Scheduled Events documents (ordered consumer, snapshot
+    in its KV bucket), publishes the approvals and defers of VMs."""
+    return User(
+        "notifier",
+        "notifier: Scheduled Events API; publishes only what VMs ask (approve, defer)",
+        publish=[
+            subjects.host_approved(),
+            subjects.host_deferred(),
+            subjects.dead_letter("notifier"),
+            f"$JS.API.STREAM.INFO.{STREAM}",
+            *_ephemeral_consumer(STREAM),
+            *_kv_bucket(NOTIFIER_BUCKET),
+        ],
+        subscribe=[INBOX],
+    )
+
+
+def clock_sync() -> User:
+    """Consumes `VMResumed`, asks the host's agent to set the clock, reports `ClockSynced`,
+    remembers what it handled in its KV bucket."""
+    return User(
+        "clock-sync",
+        "clock-sync: asks host-agents to set guest clocks, reports the skew",
+        publish=[
+            subjects.vm_clock(),
+            subjects.host_clock_command(),
+            subjects.dead_letter("clock-sync"),
+            f"$JS.API.STREAM.INFO.{STREAM}",
+            *_pull_consumers(STREAM, CLOCK_SYNC_DURABLES),
+            *_kv_bucket(CLOCK_SYNC_BUCKET),
+        ],
+        subscribe=[INBOX],
+    )
+
+
+def host_agent(host: str) -> User:
+    """One host's agent: only its own host's subjects, only the events a host-agent emits."""
+    return User(
+        f"host-agent-{host}",
+        f"host-agent of {host}: its own host's events only",
+        publish=[
+            subjects.host_inventory(host),
+            subjects.host_patched(host),
+            subjects.host_completed(host),
+            subjects.vm_paused(host),
+            subjects.vm_resumed(host),
+            subjects.dead_letter("host-agent"),
+            f"$JS.API.STREAM.INFO.{STREAM}",
+            *_pull_consumers(STREAM, {host_agent_durable(host): subjects.host_started(host)}),
+        ],
+        subscribe=[subjects.host_clock_command(host), INBOX],
+        responds=True,
+    )
+
+
+def operator() -> User:
+    """The operator's CLI: planner commands, guest clock reads, and reading the streams."""
+    read = [f"$JS.API.STREAM.INFO.{name}" for name in (STREAM, DLQ_STREAM_NAME)] + [
+        s
+        for name in (STREAM, DLQ_STREAM_NAME)
+        for s in (
+            f"$JS.API.STREAM.MSG.GET.{name}",
+            f"$JS.API.DIRECT.GET.{name}.>",
+            *_ephemeral_consumer(name),
+            f"$JS.API.CONSUMER.INFO.{name}.*",
+        )
+    ]
+    return User(
+        "operator",
+        "operator: the pausepatch CLI (commands and read-only access to the streams)",
+        publish=[
+            subjects.rollout_command("*"),
+            subjects.host_clock_command(),
+            "$JS.API.STREAM.NAMES",
+            *read,
+        ],
+        subscribe=[INBOX],
+    )
+
+
+def render(hosts: list[str]) -> str:
+    """The `authorization` block for a fleet of `hosts`."""
+    bad = [h for h in hosts if not is_valid_name(h)]
+    if bad:
+        raise ValueError(f"not valid host names (one subject token each): {bad}")
+    users = [planner(), notifier(), clock_sync(), operator(), *(host_agent(h) for h in hosts)]
+    variables = [password_variable(u.name) for u in users]
+    if len(set(variables)) != len(variables):
+        raise ValueError("two host names map to one password variable; rename one host")
+    body = "\n".join(u.render() for u in users)
+    return (
+        "# Generated by deploy/nats/nats_auth.py for hosts: "
+        + " ".join(hosts)
+        + "\n# Do not edit: regenerate with `python deploy/nats/nats_auth.py HOST...`.\n"
+        + "authorization {\n  users = [\n"
+        + body
+        + "\n  ]\n}\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the users for the hosts named on the command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("hosts", nargs="+", help="every hypervisor host that runs a host-agent")
+    args = parser.parse_args(argv)
+    try:
+        sys.stdout.write(render(args.hosts))
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The documents' snapshot in a real JetStream KV bucket: replicas may all write it, and it only
+ever moves forward."""
+
+from __future__ import annotations
+
+import uuid
+
+from nats.js.api import KeyValueConfig
+
+from services.notifier.document import ScheduledEventsDocument
+from services.notifier.snapshots import SnapshotStore
+from shared.client import connect
+from shared.devstack import NatsServer
+from tests.test_notifier_document import inventory, planned
+
+
+async def test_a_snapshot_only_moves_forward_and_restores_the_documents(
+    nats_server: NatsServer,
+) -> None:
+    nc = await connect(nats_server.url)
+    kv = await nc.jetstream().create_key_value(KeyValueConfig(bucket="pp_notifier_test"))
+    replica_a, replica_b = SnapshotStore(kv), SnapshotStore(kv)
+    assert await replica_a.load() is None
+
+    document = ScheduledEventsDocument()
+    for seq, event in enumerate((inventory("h1"), planned("h1", uuid.uuid4())), start=1):
+        document.apply(event)
+        document.seq = seq
+    newer = document.to_json()
+    older = {**newer, "seq": 1}
+
+    assert await replica_a.save(newer)
+    assert not await replica_b.save(older)  # a replica behind never overwrites
+    assert not await replica_b.save(newer)  # nor one at the same point
+    loaded = await replica_b.load()
+    assert loaded == newer
+
+    restored = ScheduledEventsDocument()
+    restored.load(loaded)
+    web1 = restored.caller("10.0.0.1")
+    assert restored.render(web1, "2020-07-01") == document.render(
+        document.caller("10.0.0.1"), "2020-07-01"
+    )
+    await nc.close()
