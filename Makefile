@@ -47,9 +47,12 @@ test: lint qemu-up
 test-fast: lint
 	$(PY) -m pytest -q -ra -m "not qemu"
 
-bench: setup
+# Figures as tables and JSON under bench/results/ (each a ratio against a baseline of the same run).
+bench: setup qemu-up
 	$(PY) bench/bench_planning.py
-	$(PY) bench/bench_pause.py
+	$(PY) bench/bench_pause.py --qemu
+	$(PY) bench/bench_notifier.py
+	$(PY) bench/bench_soak.py
 
 clean:
 	rm -rf $(VENV) build .state .pytest_cache .mypy_cache .ruff_cache

@@ -50,7 +50,9 @@ def events_stream(declare: bool, replicas: int = 1) -> JStream:
     )
 
 
-async def declare_streams(broker: NatsBroker, replicas: int = 1) -> None:
+async def declare_streams(
+    broker: NatsBroker, replicas: int = 1, max_age_s: float = 7 * 24 * 3600
+) -> None:
     """Create or update the event and dead-letter streams (the owner calls this at start)."""
     js = broker.config.connection_state.stream
     for config in (
@@ -60,6 +62,7 @@ async def declare_streams(broker: NatsBroker, replicas: int = 1) -> None:
             storage=StorageType.FILE,
             duplicate_window=DUPLICATE_WINDOW_S,
             num_replicas=replicas,
+            max_age=max_age_s,
         ),
         StreamConfig(
             name=DLQ_STREAM_NAME,
@@ -116,6 +119,9 @@ def make_broker(service: str, settings: BusSettings, telemetry: Telemetry) -> Na
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         connect_timeout=5,
+        # FastStream's own lines go through our handlers (JSON in containers) as well; its
+        # per-message "Received/Processed" lines are debug.
+        logger=logging.getLogger(f"pausepatch.faststream.{service}"),
         log_level=logging.DEBUG,
         middlewares=[
             NatsTelemetryMiddleware(
@@ -133,6 +139,7 @@ def make_app(broker: NatsBroker, service: str, description: str) -> FastStream:
     """The FastStream app of a service, with its AsyncAPI description."""
     return FastStream(
         broker,
+        logger=logging.getLogger(f"pausepatch.faststream.{service}"),
         specification=AsyncAPI(
             title=f"pausepatch {service}", version="0.1.0", description=description
         ),

@@ -97,3 +97,6 @@ def setup_logging(service: str, log_format: str = "auto", level: str = "INFO") -
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # FastStream's own lines (start, stop, its task supervisor) are chatty at INFO.
+    if level.upper() != "DEBUG":
+        logging.getLogger("pausepatch.faststream").setLevel(logging.WARNING)

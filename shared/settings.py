@@ -21,6 +21,8 @@ class BusSettings(BaseSettings):
     nats_user: str | None = None
     nats_password: SecretStr | None = None
     stream_replicas: int = 1
+    stream_max_age_s: float = 7 * 24 * 3600
+    """How long events stay in the PAUSEPATCH stream."""
     """Replicas of the PAUSEPATCH stream and KV buckets (3 on a cluster)."""
     state_dir: Path = Path(".state")
     """Local files a service keeps (host-agent's journal)."""

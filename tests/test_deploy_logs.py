@@ -8,8 +8,6 @@ import json
 import re
 from typing import Any
 
-import pytest
-
 from shared.client import EventWatcher, PlannerClient, connect
 from shared.contracts import ClockSynced, RolloutStatus
 from shared.devstack import LocalStack, ServiceProcess, wait_until
@@ -100,11 +98,6 @@ async def test_terminal_log_lines_are_readable_with_the_same_fields(stack: Local
     assert re.match(pattern, line), line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FastStream's own lifecycle lines ('FastStream app starting...') bypass "
-    "shared.logs and are written as coloured text, so a container's log is not all JSON",
-)
 def test_every_line_a_container_writes_is_json(stack: LocalStack) -> None:
     planner = stack.start_service("planner", "planner", (), PP_LOG_FORMAT="json")
     wait_until(lambda: "lease acquired" in planner.log_path.read_text(), 20, "the planner")

@@ -288,7 +288,7 @@ def build_app(settings: PlannerSettings) -> FastStream:
     @app.on_startup
     async def startup() -> None:
         await broker.connect()
-        await declare_streams(broker, settings.stream_replicas)
+        await declare_streams(broker, settings.stream_replicas, settings.stream_max_age_s)
         lease_kv = await key_value(
             broker, LEASE_BUCKET, settings.stream_replicas, ttl=settings.lease_ttl_s
         )
@@ -313,10 +313,27 @@ def build_app(settings: PlannerSettings) -> FastStream:
 
     @app.after_startup
     async def started() -> None:
-        state["tasks"] = [
-            asyncio.create_task(ticker(), name="ticker"),
-            asyncio.create_task(keep_lease(state["lease"]), name="lease"),
-        ]
+        # Lease first (it must be renewed while we wait), then the fleet as it is now: rollouts
+        # only move once the inventory has caught up, so that a host is never taken for gone
+        # just because this planner has not heard of it yet.
+        lease_task = asyncio.create_task(keep_lease(state["lease"]), name="lease")
+        await inventory_caught_up()
+        state["tasks"] = [asyncio.create_task(ticker(), name="ticker"), lease_task]
+
+    async def inventory_caught_up(timeout: float = 15.0) -> None:
+        js = broker.config.connection_state.stream
+        try:
+            info = await js.stream_info(
+                subjects.STREAM_NAME, subjects_filter=subjects.host_inventory()
+            )
+            expected = len(info.state.subjects or {})
+        except Exception:  # noqa: BLE001 - an older server without subject details: wait a beat
+            expected = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(engine().inventory) < expected and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        log.info("inventory of %d host(s) loaded", len(engine().inventory))
 
     @app.on_shutdown
     async def shutdown() -> None:

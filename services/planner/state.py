@@ -111,7 +111,8 @@ class Rollout(BaseModel):
     log: list[str] = Field(default_factory=list)
 
     def note(self, message: str) -> None:
-        """Record a line in the rollout's own history (shown by `status`)."""
+        """Record a line in the rollout's own history (shown by `status`) and in the log."""
+        log.info("%s", message, extra={"rollout": self.rollout_id})
         self.log.append(f"{utcnow().isoformat(timespec='seconds')} {message}")
         del self.log[:-200]
 

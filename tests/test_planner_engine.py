@@ -1,0 +1,138 @@
+"""The rollout engine alone (its state in a real JetStream KV bucket, time under the test's
+control): re-planning when the inventory changes mid-rollout."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from services.planner.engine import RolloutEngine
+from services.planner.state import RolloutStore
+from services.planner.waves import WavePlan, check_plan
+from shared.client import connect
+from shared.contracts import (
+    Event,
+    HostInventory,
+    MaintenanceCompleted,
+    MaintenancePlanned,
+    MaintenanceStarted,
+    PatchSpec,
+    RolloutSubmit,
+    VMInfo,
+    utcnow,
+)
+from shared.devstack import NatsServer
+
+
+def vm(name: str, aset: str | None, ud: int | None) -> VMInfo:
+    return VMInfo(vm=name, uuid=name, availability_set=aset, update_domain=ud, state="running")
+
+
+class Clock:
+    """The engine's time, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = utcnow()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class Fleet:
+    """An engine over a real KV bucket, with a clock the test moves."""
+
+    def __init__(self, engine: RolloutEngine, published: list[Event], clock: Clock) -> None:
+        self.engine = engine
+        self.published = published
+        self.clock = clock
+
+    def report(self, host: str, vms: list[VMInfo]) -> None:
+        self.engine.on_inventory(HostInventory(host=host, vms=vms, occurred_at=self.clock.now))
+
+    async def finish_started_hosts(self) -> None:
+        for event in self.published:
+            if isinstance(event, MaintenanceStarted):
+                await self.engine.on_completed(
+                    MaintenanceCompleted(
+                        host=event.host,
+                        rollout_id=event.rollout_id,
+                        scheduled_event_id=event.scheduled_event_id,
+                        ok=True,
+                        window_ms=1,
+                        patch_ms=1,
+                        overhead_ms=0,
+                    )
+                )
+
+    async def tick(self, seconds: float = 1.0) -> None:
+        self.clock.now += timedelta(seconds=seconds)
+        await self.engine.advance()
+
+
+@pytest.fixture
+async def fleet(nats_server: NatsServer) -> AsyncIterator[Fleet]:
+    nc = await connect(nats_server.url)
+    kv = await nc.jetstream().create_key_value(bucket="rollouts_test", history=1)
+    published: list[Event] = []
+
+    async def publish(event: Event) -> None:
+        published.append(event)
+
+    clock = Clock()
+    engine = RolloutEngine(RolloutStore(kv), publish, TracerProvider().get_tracer("t"), now=clock)
+    yield Fleet(engine, published, clock)
+    await nc.close()
+
+
+def started_hosts(published: list[Event]) -> list[str]:
+    return [e.host for e in published if isinstance(e, MaintenanceStarted)]
+
+
+async def test_a_vm_that_moves_mid_rollout_never_shares_a_wave_with_another_ud_of_its_set(
+    fleet: Fleet,
+) -> None:
+    fleet.report("h0", [vm("web-0", "web", 0), vm("db-0", "db", 0)])
+    fleet.report("h1", [vm("web-1", "web", 1)])
+    fleet.report("h2", [vm("db-1", "db", 1)])
+    rollout = await fleet.engine.submit(
+        RolloutSubmit(
+            update_id="u", patch=PatchSpec(duration_s=0), notice_s=0, max_hosts_in_flight=2
+        )
+    )
+    assert rollout.waves == [["h0"], ["h1", "h2"]]  # h1 and h2 share no set
+    await fleet.tick()  # notice for wave 0
+    await fleet.tick()  # start wave 0
+    assert started_hosts(fleet.published) == ["h0"]
+
+    # While h0 is patched, a web VM in UD 0 is placed on h2: h2 and h1 now conflict.
+    fleet.report("h2", [vm("db-1", "db", 1), vm("web-9", "web", 0)])
+    await fleet.finish_started_hosts()
+    await fleet.tick()  # wave 0 ends; the rest is re-planned with the new placement
+
+    remaining = rollout.waves[1:]
+    assert sorted(h for w in remaining for h in w) == ["h1", "h2"]
+    assert all(not {"h1", "h2"} <= set(w) for w in remaining)
+    inventory = {h: inv.vms for h, inv in fleet.engine.inventory.items()}
+    assert check_plan(inventory, WavePlan(remaining, lower_bound=2, max_hosts_in_flight=2)) == []
+    assert any("re-planned" in line for line in rollout.log)
+
+
+async def test_an_unchanged_inventory_keeps_the_announced_plan(fleet: Fleet) -> None:
+    for i in range(4):
+        fleet.report(f"h{i}", [vm(f"web-{i}", "web", i % 2)])
+    rollout = await fleet.engine.submit(
+        RolloutSubmit(update_id="u", patch=PatchSpec(duration_s=0), notice_s=0)
+    )
+    planned = [list(w) for w in rollout.waves]
+    while rollout.state == "running":
+        await fleet.tick()
+        await fleet.finish_started_hosts()
+        for host in ("h0", "h1", "h2", "h3"):  # heartbeats: the same placement again
+            fleet.report(host, [vm(f"web-{host[1]}", "web", int(host[1]) % 2)])
+    assert rollout.state == "completed" and rollout.waves == planned
+    assert not any("re-planned" in line for line in rollout.log)
+    announced = [e.host for e in fleet.published if isinstance(e, MaintenancePlanned)]
+    assert announced == [h for w in planned for h in w]
