@@ -182,6 +182,10 @@ class DeadLetter(BaseMiddleware):  # type: ignore[type-arg]
         except InvalidMessage as exc:
             reason = str(exc)
         await self._dead_letter(msg, reason)
+        reply = getattr(msg.raw_message, "reply", "") or ""
+        if reply.startswith("$JS.ACK."):
+            await msg.ack()  # handled (dead-lettered), also where the handler acks by itself
+            return None
         if msg.reply_to:
             return ErrorReply(error="invalid-request", detail=reason).to_json()
         return None

@@ -5,6 +5,7 @@ time comes from `now()`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -326,7 +327,7 @@ class RolloutEngine:
         if record.paused_at == event.paused_at:
             return
         record.paused_at = event.paused_at
-        await self.store.save_host(run)
+        self.store.mark_host(run)
 
     async def on_patched(self, event: HostPatched) -> None:
         """Record the patch result."""
@@ -336,7 +337,7 @@ class RolloutEngine:
         run.patch_ok, run.patch_ms = event.ok, event.patch_ms
         if not event.ok:
             run.error = event.error
-        await self.store.save_host(run)
+        self.store.mark_host(run)
 
     async def on_resumed(self, event: VMResumed) -> None:
         """Record a VM's resume."""
@@ -351,7 +352,7 @@ class RolloutEngine:
         record.paused_ms = event.paused_ms
         record.forced = event.forced
         record.resumed_ok = event.ok
-        await self.store.save_host(run)
+        self.store.mark_host(run)
 
     async def on_clock(self, event: ClockSynced) -> None:
         """Record a VM's clock sync."""
@@ -366,7 +367,7 @@ class RolloutEngine:
         record.skew_before_ms = event.skew_before_ms
         record.skew_after_ms = event.skew_after_ms
         record.clock_error = event.error
-        await self.store.save_host(run)
+        self.store.mark_host(run)
 
     async def on_completed(self, event: MaintenanceCompleted) -> None:
         """A host's window is over: done, or a failure counted against the budget."""
@@ -467,14 +468,15 @@ class RolloutEngine:
             if now >= due or approved:
                 why = "notice passed" if now >= due else "every event approved"
                 rollout.note(f"wave {rollout.current_wave}: starting {len(noticed)} host(s), {why}")
-                for run in noticed:
-                    await self._start(rollout, run)
+                # Every host of the wave at once: their events go out in one round of acks.
+                await asyncio.gather(*(self._start(rollout, run) for run in noticed))
                 await self.store.save_rollout(rollout)
         if all(r.terminal and r.clock_settled(now, self.clock_timeout_s) for r in runs):
             await self._next_wave(rollout)
 
     async def _notice_wave(self, rollout: Rollout, runs: list[HostRun]) -> None:
         fleet = self._fleet()
+        announcing = []
         for run in runs:
             if run.state != "pending":
                 continue
@@ -488,7 +490,8 @@ class RolloutEngine:
             run.noticed_at = self.now()
             run.not_before = run.noticed_at + timedelta(seconds=self._notice_s(rollout))
             run.state = "noticed"
-            await self._announce(rollout, run)
+            announcing.append(self._announce(rollout, run))
+        await asyncio.gather(*announcing)
         rollout.wave_noticed = True
         rollout.note(f"wave {rollout.current_wave}: notice given to {len(runs)} host(s)")
         await self.store.save_rollout(rollout)

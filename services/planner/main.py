@@ -115,7 +115,7 @@ def build_app(settings: PlannerSettings) -> FastStream:
         wake.set()
         return result
 
-    def durable(name: str, subject: str, description: str) -> Any:
+    def durable(name: str, subject: str, description: str, per_vm: bool = False) -> Any:
         return broker.subscriber(
             subject,
             stream=stream,
@@ -124,7 +124,8 @@ def build_app(settings: PlannerSettings) -> FastStream:
             # handled by a pool of workers.
             pull_sub=PullSub(batch_size=1, timeout=1.0),
             max_workers=16,
-            ack_policy=AckPolicy.NACK_ON_ERROR,
+            # Per-VM records are acknowledged once written, together with others (see `noted`).
+            ack_policy=AckPolicy.MANUAL if per_vm else AckPolicy.NACK_ON_ERROR,
             title=f"{subject}:planner",
             description=description,
         )
@@ -230,30 +231,34 @@ def build_app(settings: PlannerSettings) -> FastStream:
         ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_deferred(event))
 
-    @durable("paused", subjects.vm_paused(), "VM pauses.")
+    @durable("paused", subjects.vm_paused(), "VM pauses.", per_vm=True)
     async def on_paused(event: VMPaused, msg: NatsMessage) -> None:
         ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_paused(event), exclusive=False)
+        engine().store.after_flush(msg.ack)
 
-    @durable("patched", subjects.host_patched(), "Patch results.")
+    @durable("patched", subjects.host_patched(), "Patch results.", per_vm=True)
     async def on_patched(event: HostPatched, msg: NatsMessage) -> None:
         ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_patched(event), exclusive=False)
+        engine().store.after_flush(msg.ack)
 
-    @durable("resumed", subjects.vm_resumed(), "VM resumes.")
+    @durable("resumed", subjects.vm_resumed(), "VM resumes.", per_vm=True)
     async def on_resumed(event: VMResumed, msg: NatsMessage) -> None:
         ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_resumed(event), exclusive=False)
+        engine().store.after_flush(msg.ack)
 
     @durable("completed", subjects.host_completed(), "Host windows closed.")
     async def on_completed(event: MaintenanceCompleted, msg: NatsMessage) -> None:
         ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_completed(event))
 
-    @durable("clock", subjects.vm_clock(), "Clock sync results.")
+    @durable("clock", subjects.vm_clock(), "Clock sync results.", per_vm=True)
     async def on_clock(event: ClockSynced, msg: NatsMessage) -> None:
         ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_clock(event), exclusive=False)
+        engine().store.after_flush(msg.ack)
 
     # ---------------------------------------------------------------- lifecycle
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -152,6 +152,11 @@ class RolloutStore:
         self._pending: asyncio.Future[None] | None = None
         self._lock = asyncio.Lock()
         self._unacked: dict[str, list[bytes]] = {}
+        self._after: list[Callable[[], Awaitable[None]]] = []
+        self._soon: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self.gather_s = 0.01
+        """How long per-VM records are gathered before they are written together."""
         """Values sent since the last acknowledged write of each key (one may have landed)."""
         self.writes = 0
 
@@ -168,6 +173,40 @@ class RolloutStore:
     async def _put(self, key: str, value: BaseModel) -> None:
         self._dirty[key] = value
         await self.flush()
+
+    def mark_host(self, run: HostRun) -> None:
+        """Mark a host record to be written by the next flush (soon), without waiting."""
+        self._dirty[self.host_key(run.rollout_id, run.host)] = run
+        self._flush_soon()
+
+    def after_flush(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run `callback` (an acknowledgement) once what is marked now is stored."""
+        if not self._dirty and self._pending is None:
+            self._spawn(callback())
+            return
+        self._after.append(callback)
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        if self._soon is None:
+            self._soon = asyncio.get_running_loop().call_later(
+                self.gather_s, lambda: self._spawn(self._flush_and_ack())
+            )
+
+    async def _flush_and_ack(self) -> None:
+        self._soon = None
+        callbacks, self._after = self._after, []
+        try:
+            await self.flush()
+        except Exception:  # noqa: BLE001 - unacknowledged: redelivered, written next time
+            log.warning("writing rollout records failed; they are written again later")
+            return
+        await asyncio.gather(*(cb() for cb in callbacks), return_exceptions=True)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def flush(self) -> None:
         """Write what is marked (waiting for the flush already under way, if any)."""
