@@ -16,7 +16,7 @@ from typing import Any
 from faststream import FastStream
 from faststream._internal.middlewares import BaseMiddleware
 from faststream.message import StreamMessage
-from faststream.nats import JStream, NatsBroker, NatsUserPassword, StorageType
+from faststream.nats import JStream, NatsBroker, NatsMessage, NatsUserPassword, StorageType
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.specification import AsyncAPI
 from nats.js.api import KeyValueConfig, StreamConfig
@@ -104,6 +104,13 @@ async def wait_for_stream(broker: NatsBroker, name: str = subjects.STREAM_NAME) 
                 log.info("waiting for stream %s (declared by the planner): %s", name, exc)
             await asyncio.sleep(0.25)
             waited += 0.25
+
+
+def current_message(broker: NatsBroker) -> NatsMessage:
+    """The message being handled. Asking for it as a handler parameter (`msg: NatsMessage`)
+    costs a thread-pool round trip per message in FastStream's dependency resolution; the
+    broker's context has it at no cost."""
+    return broker.context.get_local("message")  # type: ignore[no-any-return]
 
 
 def make_broker(service: str, settings: BusSettings, telemetry: Telemetry) -> NatsBroker:

@@ -8,12 +8,14 @@ others) and reports `ClockSynced`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from datetime import timedelta
 from typing import Any
 
 from faststream import FastStream
 from faststream.middlewares import AckPolicy
-from faststream.nats import NatsMessage, PullSub
+from faststream.nats import PullSub
 from nats.errors import NoRespondersError
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from pydantic import ValidationError
@@ -21,7 +23,9 @@ from pydantic import ValidationError
 from services.clock_sync.sync import decide, result_id
 from shared import subjects
 from shared.bus import (
+    DUPLICATE_WINDOW_S,
     EventPublisher,
+    current_message,
     events_stream,
     key_value,
     make_app,
@@ -34,6 +38,7 @@ from shared.contracts import (
     ClockSynced,
     VMResumed,
     ensure_on_subject,
+    utcnow,
 )
 from shared.logs import log_context, setup_logging
 from shared.settings import BusSettings
@@ -41,6 +46,7 @@ from shared.telemetry import setup_telemetry
 
 SERVICE = "clock-sync"
 DONE_BUCKET = "pp_clock_done"
+RECENT = timedelta(seconds=DUPLICATE_WINDOW_S / 2)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,7 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
     broker = make_broker(SERVICE, settings, telemetry)
     publisher = EventPublisher(broker)
     state: dict[str, Any] = {}
+    pending: set[asyncio.Future[Any]] = set()
 
     @broker.subscriber(
         subjects.vm_resumed(),
@@ -78,13 +85,18 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
         title="pp.evt.vm.*.*.resumed:clock-sync",
         description="Set the clock of every resumed VM.",
     )
-    async def on_resumed(event: VMResumed, msg: NatsMessage) -> None:
+    async def on_resumed(event: VMResumed) -> None:
+        msg = current_message(broker)
         ensure_on_subject(event, msg.raw_message.subject)
         attempt = msg.raw_message.metadata.num_delivered or 1
         done = state["done"]
         key = str(event.event_id)
         with log_context(rollout=event.rollout_id, host=event.host, vm=event.vm):
-            if await _seen(done, key):
+            # A fresh first delivery cannot be a duplicate that JetStream would not catch: its
+            # result id is de-duplicated by the stream for two minutes. Only older copies (a
+            # replay, a redelivery) are checked against the done set.
+            fresh = attempt == 1 and utcnow() - event.occurred_at < RECENT
+            if not fresh and await _seen(done, key):
                 log.info("resume %s already synced: ignoring the duplicate", key)
                 return
             if not event.ok:
@@ -100,7 +112,7 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
                         error="VM was not resumed",
                     )
                 )
-                await done.put(key, b"1")
+                remember(done, key)
                 return
             reading, failure = await ask_agent(event)
             decision = decide(
@@ -117,13 +129,19 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
                 await msg.nack(delay=decision.retry_in_s)
                 return
             await publisher.publish(decision.event)
-            await done.put(key, b"1")
+            remember(done, key)
             log.info(
                 "clock %s: skew before %s ms, after %s ms",
                 "synced" if decision.event.ok else "NOT synced",
                 _ms(decision.event.skew_before_ms),
                 _ms(decision.event.skew_after_ms),
             )
+
+    def remember(done: Any, key: str) -> None:
+        # Not waited for: the result is stored already, this only guards far-off replays.
+        task = asyncio.ensure_future(done.put(key, b"1"))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
 
     async def ask_agent(event: VMResumed) -> tuple[ClockReading | None, str | None]:
         try:

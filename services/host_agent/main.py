@@ -15,12 +15,19 @@ from pathlib import Path
 
 from faststream import FastStream
 from faststream.middlewares import AckPolicy
-from faststream.nats import NatsBroker, NatsMessage, PullSub
+from faststream.nats import NatsBroker, PullSub
 
 from services.host_agent.agent import HostAgent, HostAgentSettings
 from services.host_agent.libvirt_hypervisor import LibvirtHypervisor, dispatch_events_on
 from shared import subjects
-from shared.bus import EventPublisher, events_stream, make_app, make_broker, wait_for_stream
+from shared.bus import (
+    EventPublisher,
+    current_message,
+    events_stream,
+    make_app,
+    make_broker,
+    wait_for_stream,
+)
 from shared.contracts import ClockAction, MaintenanceStarted, ensure_on_subject
 from shared.logs import setup_logging
 from shared.telemetry import setup_telemetry
@@ -56,7 +63,8 @@ def subscribe(broker: NatsBroker, host: str, agents: dict[str, HostAgent]) -> No
         title=f"{subjects.host_started('{host}')}:host-agent",
         description="Run the maintenance window of this host.",
     )
-    async def on_started(event: MaintenanceStarted, msg: NatsMessage) -> None:
+    async def on_started(event: MaintenanceStarted) -> None:
+        msg = current_message(broker)
         ensure_on_subject(event, msg.raw_message.subject)
         await agents[host].on_started(event)
 

@@ -23,7 +23,7 @@ from datetime import timedelta
 import uvicorn
 from faststream import FastStream
 from faststream.middlewares import AckPolicy
-from faststream.nats import DeliverPolicy, NatsMessage
+from faststream.nats import DeliverPolicy
 from nats.js.api import ConsumerConfig
 
 from services.notifier.api import build_api
@@ -35,6 +35,7 @@ from services.notifier.webhooks import RetryPolicy, WebhookDispatcher
 from shared import subjects
 from shared.bus import (
     EventPublisher,
+    current_message,
     events_stream,
     key_value,
     make_app,
@@ -112,8 +113,9 @@ def build_app(settings: NotifierSettings) -> FastStream:
         saving.add(task)
         task.add_done_callback(saving.discard)
 
-    async def on_bus_event(msg: NatsMessage) -> None:
+    async def on_bus_event() -> None:
         """Inventory, maintenance and measurement events, in stream order, make the documents."""
+        msg = current_message(broker)
         raw = msg.raw_message
         seq = raw.metadata.sequence.stream
         try:

@@ -15,7 +15,7 @@ from typing import Any
 
 from faststream import FastStream
 from faststream.middlewares import AckPolicy
-from faststream.nats import DeliverPolicy, NatsMessage, PullSub
+from faststream.nats import DeliverPolicy, PullSub
 from pydantic import Field
 
 from services.planner.engine import RequestError, RolloutEngine
@@ -24,6 +24,7 @@ from services.planner.state import LeadershipLost, RolloutStore
 from shared import subjects
 from shared.bus import (
     EventPublisher,
+    current_message,
     declare_streams,
     events_stream,
     key_value,
@@ -217,45 +218,53 @@ def build_app(settings: PlannerSettings) -> FastStream:
         title="pp.evt.host.*.inventory:planner",
         description="The fleet inventory (the last one of every host, then every new one).",
     )
-    async def on_inventory(event: HostInventory, msg: NatsMessage) -> None:
+    async def on_inventory(event: HostInventory) -> None:
+        msg = current_message(broker)
         ensure_on_subject(event, msg.raw_message.subject)
         engine().on_inventory(event)
 
     @durable("approved", subjects.host_approved(), "VM approvals (start a wave early).")
-    async def on_approved(event: MaintenanceApproved, msg: NatsMessage) -> None:
+    async def on_approved(event: MaintenanceApproved) -> None:
+        msg = current_message(broker)
         ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_approved(event))
 
     @durable("deferred", subjects.host_deferred(), "VM requests to postpone.")
-    async def on_deferred(event: MaintenanceDeferred, msg: NatsMessage) -> None:
+    async def on_deferred(event: MaintenanceDeferred) -> None:
+        msg = current_message(broker)
         ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_deferred(event))
 
     @durable("paused", subjects.vm_paused(), "VM pauses.", per_vm=True)
-    async def on_paused(event: VMPaused, msg: NatsMessage) -> None:
+    async def on_paused(event: VMPaused) -> None:
+        msg = current_message(broker)
         ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_paused(event), exclusive=False)
         engine().store.after_flush(msg.ack)
 
     @durable("patched", subjects.host_patched(), "Patch results.", per_vm=True)
-    async def on_patched(event: HostPatched, msg: NatsMessage) -> None:
+    async def on_patched(event: HostPatched) -> None:
+        msg = current_message(broker)
         ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_patched(event), exclusive=False)
         engine().store.after_flush(msg.ack)
 
     @durable("resumed", subjects.vm_resumed(), "VM resumes.", per_vm=True)
-    async def on_resumed(event: VMResumed, msg: NatsMessage) -> None:
+    async def on_resumed(event: VMResumed) -> None:
+        msg = current_message(broker)
         ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_resumed(event), exclusive=False)
         engine().store.after_flush(msg.ack)
 
     @durable("completed", subjects.host_completed(), "Host windows closed.")
-    async def on_completed(event: MaintenanceCompleted, msg: NatsMessage) -> None:
+    async def on_completed(event: MaintenanceCompleted) -> None:
+        msg = current_message(broker)
         ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_completed(event))
 
     @durable("clock", subjects.vm_clock(), "Clock sync results.", per_vm=True)
-    async def on_clock(event: ClockSynced, msg: NatsMessage) -> None:
+    async def on_clock(event: ClockSynced) -> None:
+        msg = current_message(broker)
         ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_clock(event), exclusive=False)
         engine().store.after_flush(msg.ack)
