@@ -427,10 +427,21 @@ class RolloutRef(Message):
 
 
 class ClockAction(Message):
-    """`pp.cmd.host.<host>.clock`: set a guest clock from the host clock, or read it."""
+    """`pp.cmd.host.<host>.clock`: set a guest clock from the host clock, or read it.
 
-    vm: Name = Field(description="The VM.")
+    With `vm`, the answer is one `ClockReading`; with `vms` (many VMs of the host at once, in
+    parallel), a `ClockReadings`.
+    """
+
+    vm: Name | None = Field(default=None, description="The VM.")
+    vms: list[Name] = Field(default_factory=list, max_length=1024, description="Several VMs.")
     action: Literal["sync", "read"] = Field(default="sync", description="sync: set then verify.")
+
+    @model_validator(mode="after")
+    def _some_vm(self) -> ClockAction:
+        if (self.vm is None) == (not self.vms):
+            raise ValueError("a clock action needs exactly one of 'vm' or 'vms'")
+        return self
 
 
 class ClockReading(Message):
@@ -443,3 +454,9 @@ class ClockReading(Message):
     skew_after_ms: float | None = Field(default=None, description="guest - host after.")
     retryable: bool = Field(default=False, description="The guest agent may answer later.")
     error: str | None = Field(default=None, description="Why not ok.")
+
+
+class ClockReadings(Message):
+    """Answer to a clock action on several VMs, in the order asked."""
+
+    readings: list[ClockReading] = Field(description="One per VM.")

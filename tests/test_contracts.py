@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from shared import subjects
 from shared.contracts import (
     EVENT_TYPES,
+    ClockAction,
     InvalidMessage,
     MaintenanceStarted,
     PatchSpec,
@@ -88,3 +89,11 @@ def test_pause_budget_is_at_most_30_seconds() -> None:
         and defaults.notice_s == 15 * 60
         and defaults.impact == "freeze"
     )
+
+
+def test_a_clock_action_names_one_vm_or_several() -> None:
+    assert ClockAction(vm="a").vm == "a"
+    assert ClockAction(vms=["a", "b"]).vms == ["a", "b"]
+    for bad in ({}, {"vm": "a", "vms": ["b"]}, {"vms": []}):
+        with pytest.raises(ValidationError):
+            ClockAction.model_validate(bad)

@@ -20,6 +20,7 @@ from nats.errors import NoRespondersError
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from pydantic import ValidationError
 
+from services.clock_sync.batcher import HostBatcher
 from services.clock_sync.sync import decide, result_id
 from shared import subjects
 from shared.bus import (
@@ -35,6 +36,7 @@ from shared.bus import (
 from shared.contracts import (
     ClockAction,
     ClockReading,
+    ClockReadings,
     ClockSynced,
     VMResumed,
     ensure_on_subject,
@@ -143,14 +145,19 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
         pending.add(task)
         task.add_done_callback(pending.discard)
 
+    async def request(host: str, vms: list[str]) -> list[ClockReading]:
+        reply = await broker.request(
+            ClockAction(vms=vms, action="sync").to_json(),
+            subjects.host_clock_command(host),
+            timeout=settings.clock_request_timeout_s,
+        )
+        return ClockReadings.model_validate(await reply.decode()).readings
+
+    batcher = HostBatcher(request)
+
     async def ask_agent(event: VMResumed) -> tuple[ClockReading | None, str | None]:
         try:
-            reply = await broker.request(
-                ClockAction(vm=event.vm, action="sync").to_json(),
-                subjects.host_clock_command(event.host),
-                timeout=settings.clock_request_timeout_s,
-            )
-            return ClockReading.model_validate(await reply.decode()), None
+            return await batcher.reading(event.host, event.vm), None
         except (TimeoutError, NoRespondersError) as exc:
             return None, f"host-agent of {event.host} did not answer ({type(exc).__name__})"
         except ValidationError as exc:

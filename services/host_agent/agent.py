@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +23,7 @@ from shared.contracts import (
     MAX_PAUSE_BUDGET_S,
     ClockAction,
     ClockReading,
+    ClockReadings,
     HostInventory,
     MaintenanceCompleted,
     MaintenanceStarted,
@@ -204,12 +205,16 @@ class HostAgent:
                 log.exception("maintenance window failed")
             self.inventory_changed()
 
-    async def clock(self, command: ClockAction) -> ClockReading:
-        """Set (or read) a guest clock."""
+    async def clock(self, command: ClockAction) -> ClockReading | ClockReadings:
+        """Set (or read) a guest clock, or the clocks of several VMs in parallel."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.executor, clock_action, self.hv, command.vm, command.action
-        )
+
+        def one(vm: str) -> Awaitable[ClockReading]:
+            return loop.run_in_executor(self.executor, clock_action, self.hv, vm, command.action)
+
+        if command.vm is not None:
+            return await one(command.vm)
+        return ClockReadings(readings=list(await asyncio.gather(*(one(vm) for vm in command.vms))))
 
     async def close(self) -> None:
         """Let an open window finish (never leave a VM paused), stop the rest, release libvirt."""

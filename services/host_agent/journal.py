@@ -19,8 +19,8 @@ class JournalEntry:
     started_at: float
     """Wall clock (epoch seconds) when the window opened."""
     budget_s: float
-    patch_pgid: int | None = None
-    """Process group of the running patch, killed on recovery (it survives an agent crash)."""
+    window_id: str | None = None
+    """Also in the patch's environment (`PP_WINDOW_ID`): what it left running is found by it."""
 
 
 class PauseJournal:

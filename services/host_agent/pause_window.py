@@ -17,12 +17,14 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import signal
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 from opentelemetry import trace
 from opentelemetry.metrics import Meter
@@ -195,7 +197,6 @@ class PauseWindow:
         self.path_thread = ThreadPoolExecutor(1, thread_name_prefix=f"window-{host}")
         self._lock = asyncio.Lock()
         self._spans: dict[str, Span] = {}
-        self._journaling: Future[None] | None = None
         self._pause_hist = meter.create_histogram(
             "pp.vm.pause.duration", unit="ms", description="VM blackout per pause window"
         )
@@ -269,9 +270,13 @@ class PauseWindow:
                 if v.state not in STOPPABLE_STATES
             ],
         )
-        # On disk before the first suspend: a crash from here on is recovered at restart.
+        # On disk before the first suspend: a crash from here on is recovered at restart. The
+        # window's id is also in the patch's environment: a restarted agent finds and kills
+        # whatever the patch left running.
+        window_id = uuid.uuid4().hex
         self.journal.record(
             JournalEntry(
+                window_id=window_id,
                 rollout_id=req.rollout_id,
                 scheduled_event_id=str(req.scheduled_event_id) if req.scheduled_event_id else None,
                 event_type=req.event_type,
@@ -291,11 +296,9 @@ class PauseWindow:
         budget_from = path.opened if req.event_type == "Freeze" else stopped_at
         deadline = budget_from + req.budget_s - self.resume_margin_s
 
-        def spawned(pgid: int | None) -> None:
+        def spawned(_: int | None) -> None:
             # Events and spans are made on the loop while the patch runs, not before it starts.
             loop.call_soon_threadsafe(on_stopped, path.stops)
-            if pgid is not None:
-                self._remember_patch_group(pgid)
 
         # The patch knows what it is patching (a fleet-wide script can branch on the host).
         env = {
@@ -304,6 +307,7 @@ class PauseWindow:
             "PP_EVENT_TYPE": req.event_type,
             "PP_VMS": " ".join(path.targets),
             "PP_PAUSE_BUDGET_S": str(req.budget_s),
+            WINDOW_ENV: window_id,
         }
         path.patch = run_patch(req.patch, deadline, on_spawn=spawned, env=env)
         path.forced = path.patch.timed_out or time.monotonic() >= deadline
@@ -311,9 +315,6 @@ class PauseWindow:
         to_start = [vm for vm, call in path.stops.items() if call.error is None]
         path.starts = self._start_all(ops, to_start, path.stops)
         path.closed = time.monotonic()
-        if self._journaling is not None:
-            self._journaling.result()  # the patch's group id must not be re-journaled after this
-            self._journaling = None
         self.journal.clear()
         return path
 
@@ -359,15 +360,6 @@ class PauseWindow:
         if req.event_type == "Reboot":
             return self.shutdown_timeout_s + self.call_timeout_s
         return min(self.call_timeout_s, req.budget_s / 2)
-
-    def _remember_patch_group(self, pgid: int) -> None:
-        # Journaled on a pool thread, concurrently with the patch: it never delays the window.
-        def record() -> None:
-            entry = self.journal.load()
-            if entry is not None:
-                self.journal.record(replace(entry, patch_pgid=pgid))
-
-        self._journaling = self.calls.submit(record)
 
     # ------------------------------------------------------------ events and spans (the loop)
 
@@ -501,7 +493,7 @@ class PauseWindow:
         event_type: EventType = "Reboot" if entry.event_type == "Reboot" else "Freeze"
         ops = self._ops(event_type)
         log.warning("found an open window from a previous run (%d VMs): recovering", len(entry.vms))
-        killed = bool(entry.patch_pgid) and _kill_orphaned_patch(entry.patch_pgid)
+        killed = _kill_window_processes(entry.window_id)
 
         def start_if_stopped(vm: str) -> None:
             if self.hv.state(vm) == ops.stopped_state:
@@ -574,15 +566,25 @@ class PauseWindow:
         return completed
 
 
-def _kill_orphaned_patch(pgid: int | None) -> bool:
-    """Kill the process group of a patch the crashed agent left running (a session of its own,
-    so it survived the agent). The group id is checked against the session id to avoid hitting
-    an unrelated process that reused the number."""
-    if not pgid:
+WINDOW_ENV = "PP_WINDOW_ID"
+"""Environment variable carrying the window's id into the patch and everything it starts."""
+
+
+def _kill_window_processes(window_id: str | None) -> bool:
+    """Kill what the patch of a crashed agent's window left running (in a session of its own,
+    it survived the agent): every process whose environment carries the window's id, with its
+    process group."""
+    if not window_id:
         return False
-    try:
-        if os.getsid(pgid) != pgid:
-            return False
-    except ProcessLookupError:
-        return False
-    return kill_group(pgid)
+    marker = f"{WINDOW_ENV}={window_id}".encode()
+    killed = False
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
+            pid = int(proc.name)
+            killed = kill_group(os.getpgid(pid)) or killed
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+    return killed

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from typing import Any
 
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 
 log = logging.getLogger(__name__)
 
@@ -65,28 +65,39 @@ class Lease:
         self.revision = await self.kv.update(LEASE_KEY, self.holder.encode(), last=self.revision)
 
     async def keep(self) -> None:
-        """Renew forever; returns (after logging) only when the lease is lost."""
-        failures = 0
+        """Renew forever; returns (after logging) only when another planner holds the lease.
+
+        While the servers cannot answer (a node failing over) the renewal is retried; whether
+        the lease is still ours is then settled by what the bucket holds, not by the errors.
+        The rollout records' compare-and-set writes fence a planner that is wrong about it.
+        """
         while True:
             await asyncio.sleep(self.ttl_s / 3)
             try:
                 await self.renew()
-                failures = 0
+                continue
             except KeyWrongLastSequenceError:
-                # A renewal whose ack was lost (a node failing over) did land: still ours.
-                if await self.holder_now() == self.holder:
-                    self.revision = (await self.kv.get(LEASE_KEY)).revision
-                    failures = 0
-                    continue
+                pass
+            except Exception as exc:  # noqa: BLE001 - transient: retried below
+                log.warning("could not renew the planner lease (%s)", exc)
+            verdict = await self._reconcile()
+            if verdict == "theirs":
                 log.error("planner lease lost: another planner holds it")
                 return
-            except Exception as exc:  # noqa: BLE001 - transient (server restarting): retry
-                # while the lease may still be ours.
-                failures += 1
-                log.warning("could not renew the planner lease (%s)", exc)
-                if failures * self.ttl_s / 3 >= self.ttl_s:
-                    log.error("planner lease lost: not renewed within its TTL")
-                    return
+
+    async def _reconcile(self) -> str:
+        """ "ours", "theirs" or "unknown" (the bucket cannot be read now)."""
+        try:
+            entry = await self.kv.get(LEASE_KEY)
+        except (KeyNotFoundError, KeyDeletedError):
+            # Expired while we could not renew: ours again unless a standby was quicker.
+            return "ours" if await self.try_acquire() else "theirs"
+        except Exception:  # noqa: BLE001 - still unreachable
+            return "unknown"
+        if entry.value == self.holder.encode():
+            self.revision = entry.revision  # a renewal whose ack was lost did land
+            return "ours"
+        return "theirs"
 
     async def release(self) -> None:
         """Give the lease up at shutdown so a standby takes over at once."""
