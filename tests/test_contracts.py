@@ -94,6 +94,7 @@ def test_pause_budget_is_at_most_30_seconds() -> None:
 def test_a_clock_action_names_one_vm_or_several() -> None:
     assert ClockAction(vm="a").vm == "a"
     assert ClockAction(vms=["a", "b"]).vms == ["a", "b"]
-    for bad in ({}, {"vm": "a", "vms": ["b"]}, {"vms": []}):
+    bad_actions: list[dict[str, object]] = [{}, {"vm": "a", "vms": ["b"]}, {"vms": []}]
+    for bad in bad_actions:
         with pytest.raises(ValidationError):
             ClockAction.model_validate(bad)
