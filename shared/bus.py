@@ -19,13 +19,15 @@ from faststream.message import StreamMessage
 from faststream.nats import JStream, NatsBroker, NatsMessage, NatsUserPassword, StorageType
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.specification import AsyncAPI
+from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig, StreamConfig
 from nats.js.errors import BadRequestError
 from opentelemetry import context as otel_context
+from opentelemetry import propagate
 from pydantic import ValidationError
 
 from shared import subjects
-from shared.contracts import ErrorReply, Event, InvalidMessage, utcnow
+from shared.contracts import ErrorReply, Event, InvalidMessage, parse_event, utcnow
 from shared.settings import BusSettings
 from shared.telemetry import Telemetry
 
@@ -200,27 +202,67 @@ class DeadLetter(BaseMiddleware):  # type: ignore[type-arg]
     async def _dead_letter(self, msg: StreamMessage[Any], reason: str) -> None:
         raw: bytes = msg.body if isinstance(msg.body, bytes) else bytes(msg.body)
         subject = getattr(msg.raw_message, "subject", "")
-        body = {
-            "service": self.service,
-            "subject": subject,
-            "reason": reason,
-            "received_at": utcnow().isoformat(),
-            "size": len(raw),
-            # The copy must fit in one NATS message: an oversized original is cut.
-            "truncated": len(raw) > DLQ_COPY_BYTES,
-            "original_b64": base64.b64encode(raw[:DLQ_COPY_BYTES]).decode(),
-        }
-        log.warning("dead-lettered a message on %s: %s", subject, reason)
         self.counter.add(1, {"service": self.service, "subject": subject})
-        broker = self.context.get("broker")
+        await dead_letter(self.context.get("broker"), self.service, subject, raw, reason)
+
+
+async def dead_letter(
+    broker: NatsBroker, service: str, subject: str, raw: bytes, reason: str
+) -> None:
+    """Put `raw` (as received on `subject`) on `pp.dlq.<service>` with the reason."""
+    body = {
+        "service": service,
+        "subject": subject,
+        "reason": reason,
+        "received_at": utcnow().isoformat(),
+        "size": len(raw),
+        # The copy must fit in one NATS message: an oversized original is cut.
+        "truncated": len(raw) > DLQ_COPY_BYTES,
+        "original_b64": base64.b64encode(raw[:DLQ_COPY_BYTES]).decode(),
+    }
+    log.warning("dead-lettered a message on %s: %s", subject, reason)
+    try:
+        await broker.publish(
+            body,
+            subjects.dead_letter(service),
+            headers={"Pp-Dlq-Reason": reason[:200].replace("\n", " ")},
+        )
+    except Exception:
+        log.exception("could not publish to the dead-letter subject")
+
+
+async def read_batch(
+    broker: NatsBroker, service: str, accepted: tuple[type[Event], ...], max_bytes: int
+) -> list[tuple[Event, Msg]]:
+    """The events of the batch being handled (a batch pull subscriber), each with its message;
+    what cannot be read is dead-lettered and acknowledged, one by one."""
+    batch = current_message(broker)
+    raws: list[Msg] = (
+        batch.raw_message if isinstance(batch.raw_message, list) else [batch.raw_message]
+    )
+    events: list[tuple[Event, Msg]] = []
+    for raw in raws:
         try:
-            await broker.publish(
-                body,
-                subjects.dead_letter(self.service),
-                headers={"Pp-Dlq-Reason": reason[:200].replace("\n", " ")},
-            )
-        except Exception:
-            log.exception("could not publish to the dead-letter subject")
+            if len(raw.data) > max_bytes:
+                raise InvalidMessage(f"oversized: {len(raw.data)} bytes, more than {max_bytes}")
+            event = parse_event(json.loads(raw.data), accepted, raw.subject)
+            if event is None:
+                raise InvalidMessage(f"a {json.loads(raw.data)['type']} on {raw.subject}")
+        except ValidationError as exc:
+            reason = _validation_reason(exc)
+        except (ValueError, InvalidMessage) as exc:
+            reason = str(exc) or type(exc).__name__
+        else:
+            events.append((event, raw))
+            continue
+        await dead_letter(broker, service, raw.subject, raw.data, reason)
+        await raw.ack()
+    return events
+
+
+def context_of(raw: Msg) -> otel_context.Context:
+    """The trace context a message carries (its W3C headers)."""
+    return propagate.extract(dict(raw.headers or {}))
 
 
 def _validation_reason(exc: ValidationError) -> str:

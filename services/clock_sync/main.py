@@ -16,6 +16,7 @@ from typing import Any
 from faststream import FastStream
 from faststream.middlewares import AckPolicy
 from faststream.nats import PullSub
+from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from pydantic import ValidationError
@@ -26,11 +27,12 @@ from shared import subjects
 from shared.bus import (
     DUPLICATE_WINDOW_S,
     EventPublisher,
-    current_message,
+    context_of,
     events_stream,
     key_value,
     make_app,
     make_broker,
+    read_batch,
     wait_for_stream,
 )
 from shared.contracts import (
@@ -39,7 +41,6 @@ from shared.contracts import (
     ClockReadings,
     ClockSynced,
     VMResumed,
-    ensure_on_subject,
     utcnow,
 )
 from shared.logs import log_context, setup_logging
@@ -75,69 +76,86 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
     state: dict[str, Any] = {}
     pending: set[asyncio.Future[Any]] = set()
 
+    tracer = telemetry.tracer("pausepatch.clock_sync")
+
     @broker.subscriber(
         subjects.vm_resumed(),
         stream=events_stream(declare=False),
         durable="clock-sync-resumed",
-        # One message per fetch (a larger batch waits for stragglers up to the timeout),
-        # handled by a pool of workers: one slow guest never holds up the others.
-        pull_sub=PullSub(batch_size=1, timeout=1.0),
-        max_workers=32,
-        ack_policy=AckPolicy.NACK_ON_ERROR,
+        # Batches: a host's VMs resume together, and are handled (and their clocks set through
+        # one request to the host's agent) together; the fetch returns 50 ms after the first.
+        pull_sub=PullSub(batch_size=256, timeout=0.05, batch=True),
+        ack_policy=AckPolicy.MANUAL,
         title="pp.evt.vm.*.*.resumed:clock-sync",
         description="Set the clock of every resumed VM.",
     )
-    async def on_resumed(event: VMResumed) -> None:
-        msg = current_message(broker)
-        ensure_on_subject(event, msg.raw_message.subject)
-        attempt = msg.raw_message.metadata.num_delivered or 1
+    async def on_resumed() -> None:
+        items = await read_batch(broker, SERVICE, (VMResumed,), settings.max_message_bytes)
+        await asyncio.gather(*(sync_one(event, raw) for event, raw in items))  # type: ignore[arg-type]
+
+    async def sync_one(event: VMResumed, raw: Msg) -> None:
+        """One resumed VM, in the trace of its pause."""
+        with (
+            tracer.start_as_current_span(f"clock.sync {event.vm}", context=context_of(raw)),
+            log_context(rollout=event.rollout_id, host=event.host, vm=event.vm),
+        ):
+            try:
+                await sync(event, raw)
+            except Exception:
+                log.exception("clock sync failed; retrying")
+                await raw.nak(delay=settings.clock_retry_s)
+
+    async def sync(event: VMResumed, raw: Msg) -> None:
+        attempt = raw.metadata.num_delivered or 1
         done = state["done"]
         key = str(event.event_id)
-        with log_context(rollout=event.rollout_id, host=event.host, vm=event.vm):
-            # A fresh first delivery cannot be a duplicate that JetStream would not catch: its
-            # result id is de-duplicated by the stream for two minutes. Only older copies (a
-            # replay, a redelivery) are checked against the done set.
-            fresh = attempt == 1 and utcnow() - event.occurred_at < RECENT
-            if not fresh and await _seen(done, key):
-                log.info("resume %s already synced: ignoring the duplicate", key)
-                return
-            if not event.ok:
-                await publisher.publish(
-                    ClockSynced(
-                        event_id=result_id(event),
-                        host=event.host,
-                        vm=event.vm,
-                        rollout_id=event.rollout_id,
-                        ok=False,
-                        method="none",
-                        attempts=0,
-                        error="VM was not resumed",
-                    )
+        # A fresh first delivery cannot be a duplicate that JetStream would not catch: its
+        # result id is de-duplicated by the stream for two minutes. Only older copies (a
+        # replay, a redelivery) are checked against the done set.
+        fresh = attempt == 1 and utcnow() - event.occurred_at < RECENT
+        if not fresh and await _seen(done, key):
+            log.info("resume %s already synced: ignoring the duplicate", key)
+            await raw.ack()
+            return
+        if not event.ok:
+            await publisher.publish(
+                ClockSynced(
+                    event_id=result_id(event),
+                    host=event.host,
+                    vm=event.vm,
+                    rollout_id=event.rollout_id,
+                    ok=False,
+                    method="none",
+                    attempts=0,
+                    error="VM was not resumed",
                 )
-                remember(done, key)
-                return
-            reading, failure = await ask_agent(event)
-            decision = decide(
-                event,
-                reading,
-                attempt,
-                settings.clock_max_attempts,
-                settings.clock_retry_s,
-                settings.clock_max_skew_ms,
-                failure,
             )
-            if decision.event is None:
-                log.info("clock not set yet (attempt %d): retrying", attempt)
-                await msg.nack(delay=decision.retry_in_s)
-                return
-            await publisher.publish(decision.event)
             remember(done, key)
-            log.info(
-                "clock %s: skew before %s ms, after %s ms",
-                "synced" if decision.event.ok else "NOT synced",
-                _ms(decision.event.skew_before_ms),
-                _ms(decision.event.skew_after_ms),
-            )
+            await raw.ack()
+            return
+        reading, failure = await ask_agent(event)
+        decision = decide(
+            event,
+            reading,
+            attempt,
+            settings.clock_max_attempts,
+            settings.clock_retry_s,
+            settings.clock_max_skew_ms,
+            failure,
+        )
+        if decision.event is None:
+            log.info("clock not set yet (attempt %d): retrying", attempt)
+            await raw.nak(delay=decision.retry_in_s)
+            return
+        await publisher.publish(decision.event)
+        remember(done, key)
+        await raw.ack()
+        log.info(
+            "clock %s: skew before %s ms, after %s ms",
+            "synced" if decision.event.ok else "NOT synced",
+            _ms(decision.event.skew_before_ms),
+            _ms(decision.event.skew_after_ms),
+        )
 
     def remember(done: Any, key: str) -> None:
         # Not waited for: the result is stored already, this only guards far-off replays.

@@ -384,6 +384,7 @@ class RolloutEngine:
         )
         run.recovered = event.recovered
         run.error = event.error
+        run.resumed_vms = [o.vm for o in event.vms if o.outcome == "resumed"]
         run.state = "done" if event.ok else "failed"
         await self.store.save_host(run)
         if event.ok:

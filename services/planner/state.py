@@ -69,6 +69,8 @@ class HostRun(BaseModel):
     error: str | None = None
     recovered: bool = False
     vm_records: dict[str, VMRecord] = Field(default_factory=dict)
+    resumed_vms: list[str] = Field(default_factory=list)
+    """VMs the agent's `MaintenanceCompleted` reports started again (each gets a clock result)."""
     placement: list[tuple[str, int]] = Field(default_factory=list)
     """The (availability set, update domain) pairs the host carried when it was planned."""
     trace_carrier: dict[str, str] = Field(default_factory=dict)
@@ -84,8 +86,10 @@ class HostRun(BaseModel):
             return True
         if (now - self.completed_at).total_seconds() >= clock_timeout_s:
             return True
+        # The VMs the agent reports resumed, whatever order their own events arrive in.
         return all(
-            r.clock_ok is not None for r in self.vm_records.values() if r.resumed_at is not None
+            vm in self.vm_records and self.vm_records[vm].clock_ok is not None
+            for vm in self.resumed_vms
         )
 
 
