@@ -150,7 +150,9 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
         await publisher.publish(decision.event)
         remember(done, key)
         await raw.ack()
-        log.info(
+        # One line per VM: info when something is wrong, debug otherwise (fleets are large).
+        log.log(
+            logging.DEBUG if decision.event.ok else logging.INFO,
             "clock %s: skew before %s ms, after %s ms",
             "synced" if decision.event.ok else "NOT synced",
             _ms(decision.event.skew_before_ms),
