@@ -175,6 +175,9 @@ class EventWatcher:
         return self
 
     async def _on_msg(self, msg: Msg) -> None:
+        seq = msg.metadata.sequence.stream
+        if self.received and seq <= self.received[-1].seq:
+            return  # an ordered consumer that was reset delivers from where it stood again
         try:
             raw = json.loads(msg.data)
         except ValueError:
@@ -186,9 +189,7 @@ class EventWatcher:
                 event = cls.model_validate(raw)
             except ValueError:
                 event = None
-        self.received.append(
-            Received(msg.subject, msg.metadata.sequence.stream, event, raw, dict(msg.headers or {}))
-        )
+        self.received.append(Received(msg.subject, seq, event, raw, dict(msg.headers or {})))
         self._changed.set()
 
     def events(self, kind: type[Event] | None = None, **fields: Any) -> list[Any]:

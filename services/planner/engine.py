@@ -96,6 +96,7 @@ class RolloutEngine:
         self.inventory: dict[str, HostInventory] = {}
         self.rollouts: dict[str, Rollout] = {}
         self.hosts: dict[tuple[str, str], HostRun] = {}
+        self._last_status: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------ state
 
@@ -620,18 +621,22 @@ class RolloutEngine:
         rollout.note(f"re-planned {len(remaining)} remaining host(s) into {len(new_waves)} wave(s)")
 
     async def _status(self, rollout: Rollout) -> None:
+        """Publish the rollout's status if it changed since the last one published."""
         runs = self.host_runs(rollout.rollout_id)
-        await self.publish(
-            RolloutStatus(
-                rollout_id=rollout.rollout_id,
-                state=rollout.state,
-                waves_total=len(rollout.waves),
-                waves_done=min(rollout.current_wave, len(rollout.waves)),
-                hosts_ok=sum(r.state == "done" for r in runs),
-                hosts_failed=sum(r.state == "failed" for r in runs),
-                reason=rollout.reason,
-            )
+        status = RolloutStatus(
+            rollout_id=rollout.rollout_id,
+            state=rollout.state,
+            waves_total=len(rollout.waves),
+            waves_done=min(rollout.current_wave, len(rollout.waves)),
+            hosts_ok=sum(r.state == "done" for r in runs),
+            hosts_failed=sum(r.state == "failed" for r in runs),
+            reason=rollout.reason,
         )
+        content = status.model_dump(exclude={"event_id", "occurred_at"})
+        if self._last_status.get(rollout.rollout_id) == content:
+            return
+        self._last_status[rollout.rollout_id] = content
+        await self.publish(status)
 
     # ------------------------------------------------------------ views
 
