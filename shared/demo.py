@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import asyncio
 
-from rich.console import Console
-
-from shared.cli import print_hosts, print_report, watch
+from shared.cli import console, print_hosts, print_report, watch
 from shared.client import CommandError, PlannerClient, connect
 from shared.devstack import LocalStack, SimVM, free_port, temp_workdir
-
-console = Console()
 
 # Three hosts, four VMs each: three availability sets spread over update domains, and one
 # standalone VM per host. Hosts h1 and h2 carry different UDs of "web": never in one wave.
