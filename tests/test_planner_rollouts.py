@@ -305,3 +305,21 @@ async def test_abort_cancels_the_events_not_started(
     )
     assert {e.scheduled_event_id for e in cancelled} == {e.scheduled_event_id for e in planned}
     assert not watcher.events(MaintenanceStarted, rollout_id=rid)
+
+
+async def test_a_host_that_does_not_answer_counts_as_a_failure(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
+) -> None:
+    client, watcher = bus
+    start_core(stack, notifier=False, PP_START_TIMEOUT_S="1", PP_HOST_GRACE_S="1")
+    start_fleet(stack, HOSTS[:1])
+    await ready(stack, client, watcher, HOSTS[:1])
+    stack.services["host-agent-h0"].kill()  # its inventory is fresh, but nobody will answer
+    rollout = await client.submit(
+        {"update_id": "silent", "patch": {"duration_s": 0.1}, "notice_s": 0, "pause_budget_s": 2}
+    )
+    rid = rollout["rollout_id"]
+    halted = await watcher.wait_for(final_status(rid, ("halted",)), 30, "the halt")
+    assert "did not report" in (halted[0].reason or "")
+    report = await client.get(rid)
+    assert report["hosts"][0]["state"] == "failed"
