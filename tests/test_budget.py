@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from shared.client import EventWatcher, PlannerClient
 from shared.contracts import HostPatched, MaintenanceCompleted, RolloutStatus, VMResumed
 from shared.devstack import LocalStack
-from tests.support.fleet import ready, sim_vms, start_core
+from tests.support.fleet import processes_with, ready, sim_vms, start_core
 
 BUDGET_S = 2.0
 CHILD_SLEEP = "61.2345"
@@ -54,15 +52,4 @@ async def test_resumes_every_vm_at_the_budget_when_the_patch_hangs(
     status = await client.get(rid)
     assert status["hosts"][0]["state"] == "failed"
     # The patch's whole process group was killed, its background child included.
-    assert not _processes_running(CHILD_SLEEP)
-
-
-def _processes_running(token: str) -> list[int]:
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if token in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
+    assert not processes_with(CHILD_SLEEP)

@@ -19,12 +19,11 @@ from shared.contracts import (
     HostPatched,
     MaintenanceCompleted,
     MaintenanceStarted,
-    RolloutStatus,
     VMPaused,
     VMResumed,
 )
 from shared.devstack import LocalStack
-from tests.support.fleet import VM_IP_BASE, ready, sim_vms, start_core
+from tests.support.fleet import VM_IP_BASE, ready, sim_vms, start_core, status_reached
 
 HOSTS = ["c0", "c1", "c2"]
 
@@ -37,13 +36,6 @@ def start_hosts(stack: LocalStack, hosts: list[str] = HOSTS) -> None:
             (f"{host}-solo", None, None),
         ]
         stack.add_sim_host(host, sim_vms(spec, first_ip=10 * i + 1))
-
-
-def final(rollout_id: str, states: tuple[str, ...] = ("completed",)) -> Any:
-    def check(w: EventWatcher) -> list[RolloutStatus]:
-        return [e for e in w.events(RolloutStatus, rollout_id=rollout_id) if e.state in states]
-
-    return check
 
 
 async def stream_events(url: str) -> list[dict[str, Any]]:
@@ -112,7 +104,7 @@ async def _lose_a_node_mid_rollout(
     await asyncio.sleep(3)
     victim.start(wait=False)  # back later, same store
 
-    await watcher.wait_for(final(rid), 120, "the rollout")
+    await watcher.wait_for(status_reached(rid), 120, "the rollout")
     events = await stream_events(cluster.url)
     starts = Counter(e["host"] for e in events if e["type"] == "MaintenanceStarted")
     assert starts == dict.fromkeys(HOSTS, 1), starts
@@ -188,7 +180,7 @@ async def test_host_agent_killed_mid_pause_resumes_from_its_journal_and_the_host
         lambda w: len([e for e in w.events(VMResumed, rollout_id=rid) if e.recovered]) == 3, 30
     )
     assert recovered[0].forced
-    halted = await watcher.wait_for(final(rid, ("halted",)), 30, "the halt")
+    halted = await watcher.wait_for(status_reached(rid, ("halted",)), 30, "the halt")
     assert "c0" in (halted[0].reason or "")
     completed = watcher.events(MaintenanceCompleted, rollout_id=rid)
     assert len(completed) == 1 and completed[0].recovered
@@ -207,7 +199,7 @@ async def test_every_event_delivered_twice_changes_nothing(
         {"update_id": "replay", "patch": {"duration_s": 0.1}, "notice_s": 0}
     )
     rid = rollout["rollout_id"]
-    await watcher.wait_for(final(rid), 60, "the rollout")
+    await watcher.wait_for(status_reached(rid), 60, "the rollout")
     await watcher.wait_for(
         lambda w: len(w.events(ClockSynced, rollout_id=rid)) == len(all_vms()), 30, "clocks"
     )

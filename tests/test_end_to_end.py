@@ -15,27 +15,15 @@ from shared.contracts import (
     HostPatched,
     MaintenanceCompleted,
     MaintenancePlanned,
-    RolloutStatus,
     VMPaused,
     VMResumed,
 )
 from shared.devstack import LocalStack
-from tests.support.fleet import ready, sim_vms, start_core
+from tests.support.fleet import ready, sim_vms, start_core, status_reached
 from tests.support.otlp import OtlpReceiver
 
 VMS = [("web-1", "web", 0), ("web-2", "web", 0), ("db-1", "db", 1), ("db-2", "db", 1)]
 PATCH_S = 0.3
-
-
-def rollout_done(rollout_id: str) -> Any:
-    def check(w: EventWatcher) -> Any:
-        return [
-            e
-            for e in w.events(RolloutStatus, rollout_id=rollout_id)
-            if e.state in ("completed", "halted", "aborted", "failed")
-        ]
-
-    return check
 
 
 async def poll_document(
@@ -84,7 +72,11 @@ async def test_pauses_patches_resumes_one_host_in_one_trace(
         }
     )
     rollout_id = rollout["rollout_id"]
-    final = await watcher.wait_for(rollout_done(rollout_id), 60, "the rollout to finish")
+    final = await watcher.wait_for(
+        status_reached(rollout_id, ("completed", "halted", "aborted", "failed")),
+        60,
+        "the rollout to finish",
+    )
     assert final[-1].state == "completed", final[-1]
     await watcher.wait_for(lambda w: len(w.events(ClockSynced, rollout_id=rollout_id)) == 4, 20)
     await asyncio.sleep(0.3)  # the poller's last round after the event disappeared

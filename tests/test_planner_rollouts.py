@@ -8,7 +8,6 @@ import asyncio
 import json
 from collections import defaultdict
 from datetime import datetime
-from typing import Any
 
 import pytest
 
@@ -20,12 +19,11 @@ from shared.contracts import (
     MaintenanceCompleted,
     MaintenancePlanned,
     MaintenanceStarted,
-    RolloutStatus,
     VMPaused,
     VMResumed,
 )
 from shared.devstack import LocalStack
-from tests.support.fleet import ready, sim_vms, start_core
+from tests.support.fleet import ready, sim_vms, start_core, status_reached
 
 HOSTS = [f"h{i}" for i in range(6)]
 
@@ -42,13 +40,6 @@ def fleet_vms(i: int) -> list[tuple[str, str | None, int | None]]:
 def start_fleet(stack: LocalStack, hosts: list[str] = HOSTS, **env: str) -> None:
     for i, host in enumerate(hosts):
         stack.add_sim_host(host, sim_vms(fleet_vms(i), first_ip=10 * i + 1), **env)
-
-
-def final_status(rollout_id: str, states: tuple[str, ...] = ("completed",)) -> Any:
-    def check(w: EventWatcher) -> list[RolloutStatus]:
-        return [e for e in w.events(RolloutStatus, rollout_id=rollout_id) if e.state in states]
-
-    return check
 
 
 def pause_intervals(w: EventWatcher, rollout_id: str) -> dict[str, tuple[datetime, datetime]]:
@@ -73,7 +64,7 @@ async def test_never_pauses_two_update_domains_of_a_set_at_the_same_time(
         {"update_id": "u1", "patch": {"duration_s": 0.2}, "notice_s": 0.2, "max_hosts_in_flight": 3}
     )
     rid = rollout["rollout_id"]
-    await watcher.wait_for(final_status(rid), 120, "the rollout")
+    await watcher.wait_for(status_reached(rid), 120, "the rollout")
 
     # Each host patched exactly once.
     completed = watcher.events(MaintenanceCompleted, rollout_id=rid)
@@ -126,7 +117,7 @@ async def test_approvals_start_a_wave_before_its_notice_ends(
 
     approver = asyncio.create_task(approve_every_planned_event())
     try:
-        await watcher.wait_for(final_status(rid), 60, "the approved rollout")
+        await watcher.wait_for(status_reached(rid), 60, "the approved rollout")
     finally:
         approver.cancel()
     planned = {e.host: e for e in watcher.events(MaintenancePlanned, rollout_id=rid)}
@@ -154,7 +145,7 @@ async def test_a_failed_patch_halts_the_rollout_at_a_failure_budget_of_zero(
         }
     )
     rid = rollout["rollout_id"]
-    halted = await watcher.wait_for(final_status(rid, ("halted",)), 60, "the halt")
+    halted = await watcher.wait_for(status_reached(rid, ("halted",)), 60, "the halt")
     assert failing in (halted[0].reason or "") and "failure budget" in (halted[0].reason or "")
     await asyncio.sleep(1.0)  # any host wrongly started after the halt would show up by now
     started = {e.host for e in watcher.events(MaintenanceStarted, rollout_id=rid)}
@@ -190,7 +181,7 @@ async def test_planner_killed_mid_rollout_finishes_it_with_each_host_patched_onc
     stack.services["planner"].kill()  # kill -9 with a window in flight
     stack.start_service("planner-2", "planner", (), PP_LEASE_TTL_S="2")
 
-    await watcher.wait_for(final_status(rid), 120, "the rollout after the crash")
+    await watcher.wait_for(status_reached(rid), 120, "the rollout after the crash")
     starts: dict[str, int] = defaultdict(int)
     for e in watcher.events(MaintenanceStarted, rollout_id=rid):
         starts[e.host] += 1
@@ -219,7 +210,7 @@ async def test_standby_planner_takes_over_when_the_active_one_dies(
     await watcher.wait_for(lambda w: w.events(MaintenanceStarted, rollout_id=rid), 30, "a start")
     stack.services["planner" if active == "planner-a" else "planner-b"].kill()
 
-    await watcher.wait_for(final_status(rid), 120, "the standby to finish the rollout")
+    await watcher.wait_for(status_reached(rid), 120, "the standby to finish the rollout")
     assert ((await kv.get("leader")).value or b"").decode() == standby
     completed = watcher.events(MaintenanceCompleted, rollout_id=rid)
     assert sorted(e.host for e in completed) == HOSTS[:3]
@@ -244,7 +235,7 @@ async def test_reboot_impact_shuts_vms_down_and_starts_them_with_reboot_notice(
     )
     rid = rollout["rollout_id"]
     assert rollout["event_type"] == "Reboot"
-    await watcher.wait_for(final_status(rid), 60, "the reboot rollout")
+    await watcher.wait_for(status_reached(rid), 60, "the reboot rollout")
     planned = watcher.events(MaintenancePlanned, rollout_id=rid)[0]
     assert planned.event_type == "Reboot"
     assert (planned.not_before - planned.occurred_at).total_seconds() >= 0.99  # Reboot minimum
@@ -280,7 +271,7 @@ async def test_a_host_that_disappears_is_skipped_and_reported(
     rid = rollout["rollout_id"]
     last = rollout["waves"][-1][0]
     stack.services[f"host-agent-{last}"].stop()  # it stops reporting before its wave
-    await watcher.wait_for(final_status(rid), 90, "the rollout")
+    await watcher.wait_for(status_reached(rid), 90, "the rollout")
     report = await client.get(rid)
     skipped = {h["host"]: h for h in report["hosts"] if h["state"] == "skipped"}
     assert list(skipped) == [last] and "inventory" in (skipped[last]["error"] or "")
@@ -319,7 +310,7 @@ async def test_a_host_that_does_not_answer_counts_as_a_failure(
         {"update_id": "silent", "patch": {"duration_s": 0.1}, "notice_s": 0, "pause_budget_s": 2}
     )
     rid = rollout["rollout_id"]
-    halted = await watcher.wait_for(final_status(rid, ("halted",)), 30, "the halt")
+    halted = await watcher.wait_for(status_reached(rid, ("halted",)), 30, "the halt")
     assert "did not report" in (halted[0].reason or "")
     report = await client.get(rid)
     assert report["hosts"][0]["state"] == "failed"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -17,7 +16,6 @@ from shared.contracts import (
     HostInventory,
     HostPatched,
     MaintenanceCompleted,
-    RolloutStatus,
     VMPaused,
     VMResumed,
     utcnow,
@@ -25,7 +23,7 @@ from shared.contracts import (
 from shared.devstack import LocalStack
 from tests.conftest import QemuHost
 from tests.support import qemu
-from tests.support.fleet import ready, start_core
+from tests.support.fleet import processes_with, ready, start_core, status_reached
 
 pytestmark = pytest.mark.qemu
 
@@ -34,24 +32,6 @@ HOST = "qemu-1"
 
 def start_agent(stack: LocalStack, qemu: QemuHost, name: str = "host-agent", **env: str) -> None:
     stack.start_service(name, "host_agent", ["--host", HOST, "--libvirt-uri", qemu.uri], **env)
-
-
-def done(rollout_id: str, states: tuple[str, ...] = ("completed", "halted")) -> Any:
-    def check(w: EventWatcher) -> list[RolloutStatus]:
-        return [e for e in w.events(RolloutStatus, rollout_id=rollout_id) if e.state in states]
-
-    return check
-
-
-def processes_with(token: str) -> list[int]:
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if token in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
 
 
 async def test_pauses_real_vms_and_syncs_their_clocks_within_50_ms(
@@ -65,7 +45,7 @@ async def test_pauses_real_vms_and_syncs_their_clocks_within_50_ms(
         {"update_id": "qemu-2s", "patch": {"duration_s": 2.0}, "pause_budget_s": 10, "notice_s": 0}
     )
     rid = rollout["rollout_id"]
-    await watcher.wait_for(done(rid), 90, "the rollout")
+    await watcher.wait_for(status_reached(rid, ("completed", "halted")), 90, "the rollout")
     everyone = [*qemu_host.guests, qemu_host.no_agent]
     clocks = await watcher.wait_for(
         lambda w: (
@@ -244,7 +224,9 @@ async def test_clock_sync_down_during_resumes_syncs_when_it_returns_with_the_rea
         {"update_id": "no-clock-sync", "patch": {"duration_s": 1.5}, "notice_s": 0}
     )
     rid = rollout["rollout_id"]
-    await watcher.wait_for(done(rid), 60, "the rollout without clock-sync")
+    await watcher.wait_for(
+        status_reached(rid, ("completed", "halted")), 60, "the rollout without clock-sync"
+    )
     assert not watcher.events(ClockSynced, rollout_id=rid)
     await asyncio.sleep(2)  # clock-sync is still down: the guests keep running 1.5 s behind
 

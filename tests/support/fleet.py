@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client
 
 from shared import subjects
 from shared.client import CommandError, EventWatcher, PlannerClient
+from shared.contracts import RolloutStatus
 from shared.devstack import LocalStack, SimVM, free_port
 
 VM_IP_BASE = "127.0.1."
@@ -77,3 +79,24 @@ async def ready(
     await wait_stream(client.nc)
     await watcher.start()
     await wait_hosts(client, hosts)
+
+
+def status_reached(rollout_id: str, states: tuple[str, ...] = ("completed",)) -> Any:
+    """A watcher predicate: the rollout's `RolloutStatus` events in one of `states`."""
+
+    def check(w: EventWatcher) -> list[RolloutStatus]:
+        return [e for e in w.events(RolloutStatus, rollout_id=rollout_id) if e.state in states]
+
+    return check
+
+
+def processes_with(token: str) -> list[int]:
+    """Processes whose command line contains `token`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if token in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found

@@ -8,7 +8,6 @@ import gzip
 import json
 import threading
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -21,24 +20,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans
 
+from shared.jaeger import Span
 
-@dataclass(frozen=True)
-class ReceivedSpan:
-    """One span as received."""
-
-    trace_id: str
-    span_id: str
-    parent_span_id: str
-    name: str
-    service: str
-    start_ns: int
-    end_ns: int
-    attributes: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def duration_ms(self) -> float:
-        """End minus start."""
-        return (self.end_ns - self.start_ns) / 1e6
+ReceivedSpan = Span
+"""A span as received: the same shape as the one Jaeger's query API gives."""
 
 
 def _value(v: Any) -> Any:
