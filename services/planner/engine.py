@@ -319,12 +319,21 @@ class RolloutEngine:
         await self.store.save_host(run)
         await self.store.save_rollout(rollout)
 
-    async def on_paused(self, event: VMPaused) -> None:
-        """Record a VM's pause."""
+    def _vm_record(
+        self, event: VMPaused | VMResumed | ClockSynced
+    ) -> tuple[HostRun, VMRecord] | None:
+        """The host record of the event's rollout and the VM's record in it, if it is ours."""
         run = self._run_for(event.rollout_id, event.host)
         if run is None:
+            return None
+        return run, run.vm_records.setdefault(event.vm, VMRecord())
+
+    async def on_paused(self, event: VMPaused) -> None:
+        """Record a VM's pause."""
+        found = self._vm_record(event)
+        if found is None:
             return
-        record = run.vm_records.setdefault(event.vm, VMRecord())
+        run, record = found
         if record.paused_at == event.paused_at:
             return
         record.paused_at = event.paused_at
@@ -342,10 +351,10 @@ class RolloutEngine:
 
     async def on_resumed(self, event: VMResumed) -> None:
         """Record a VM's resume."""
-        run = self._run_for(event.rollout_id, event.host)
-        if run is None:
+        found = self._vm_record(event)
+        if found is None:
             return
-        record = run.vm_records.setdefault(event.vm, VMRecord())
+        run, record = found
         if record.resumed_at == event.resumed_at:
             return
         record.paused_at = event.paused_at
@@ -357,10 +366,10 @@ class RolloutEngine:
 
     async def on_clock(self, event: ClockSynced) -> None:
         """Record a VM's clock sync."""
-        run = self._run_for(event.rollout_id, event.host)
-        if run is None:
+        found = self._vm_record(event)
+        if found is None:
             return
-        record = run.vm_records.setdefault(event.vm, VMRecord())
+        run, record = found
         if record.clock_ok is not None:
             return
         record.clock_ok = event.ok
