@@ -174,7 +174,7 @@ def print_rollouts(rollouts: list[dict[str, Any]]) -> None:
             r["request"]["update_id"],
             r["event_type"],
             r["state"],
-            f"{min(r['current_wave'], len(r['waves']))}/{len(r['waves'])}",
+            f"{min(r['current_wave'], r['waves_total'])}/{r['waves_total']}",
             str(r["hosts_ok"]),
             str(r["hosts_failed"]),
             r["created_at"][:19],

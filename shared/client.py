@@ -118,8 +118,15 @@ class PlannerClient:
         return await self.call("plan", request)
 
     async def get(self, rollout_id: str) -> dict[str, Any]:
-        """One rollout with hosts and VMs."""
-        return await self.call("get", {"rollout_id": rollout_id})
+        """One rollout with every host and VM (fetched page by page)."""
+        report = await self.call("get", {"rollout_id": rollout_id})
+        while report.get("next_offset") is not None:
+            page = await self.call(
+                "get", {"rollout_id": rollout_id, "offset": report["next_offset"]}
+            )
+            report["hosts"] += page["hosts"]
+            report["next_offset"] = page["next_offset"]
+        return report
 
     async def rollouts(self) -> list[dict[str, Any]]:
         """Every rollout."""
@@ -138,8 +145,13 @@ class PlannerClient:
         return await self.call("abort", {"rollout_id": rollout_id, "reason": reason})
 
     async def hosts(self) -> list[dict[str, Any]]:
-        """The fleet inventory."""
-        return (await self.call("hosts"))["hosts"]  # type: ignore[no-any-return]
+        """The fleet inventory (fetched page by page)."""
+        page = await self.call("hosts")
+        hosts: list[dict[str, Any]] = page["hosts"]
+        while page.get("next_offset") is not None:
+            page = await self.call("hosts", {"offset": page["next_offset"]})
+            hosts += page["hosts"]
+        return hosts
 
 
 @dataclass

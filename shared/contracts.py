@@ -424,6 +424,17 @@ class RolloutRef(Message):
     rollout_id: str = Field(min_length=1, description="The rollout.")
     reason: str | None = Field(default=None, description="Why (halt/abort), for the record.")
     summary: bool = Field(default=False, description="get: without per-host details.")
+    offset: int = Field(default=0, ge=0, description="get: first host of the page.")
+    limit: int = Field(
+        default=100, ge=1, le=500, description="get: hosts per page (a reply stays under 1 MiB)."
+    )
+
+
+class Page(Message):
+    """`pp.cmd.rollout.hosts` (and lists): which page of a long answer."""
+
+    offset: int = Field(default=0, ge=0, description="First item of the page.")
+    limit: int = Field(default=100, ge=1, le=500, description="Items per page.")
 
 
 class ClockAction(Message):

@@ -136,3 +136,17 @@ async def test_an_unchanged_inventory_keeps_the_announced_plan(fleet: Fleet) -> 
     assert not any("re-planned" in line for line in rollout.log)
     announced = [e.host for e in fleet.published if isinstance(e, MaintenancePlanned)]
     assert announced == [h for w in planned for h in w]
+
+
+async def test_a_report_comes_in_pages_that_cover_every_host_once(fleet: Fleet) -> None:
+    for i in range(5):
+        fleet.report(f"h{i}", [vm(f"v{i}", None, None)])
+    rollout = await fleet.engine.submit(
+        RolloutSubmit(update_id="u", patch=PatchSpec(duration_s=0), notice_s=0)
+    )
+    pages, offset = [], 0
+    while offset is not None:
+        page = fleet.engine.report(rollout, offset, limit=2)
+        pages.append([h["host"] for h in page["hosts"]])
+        offset = page["next_offset"]
+    assert pages == [["h0", "h1"], ["h2", "h3"], ["h4"]]

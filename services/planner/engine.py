@@ -654,6 +654,7 @@ class RolloutEngine:
         runs = self.host_runs(rollout.rollout_id)
         return {
             **rollout.model_dump(mode="json", exclude={"log"}),
+            "waves_total": len(rollout.waves),
             "hosts_total": len(runs),
             "hosts_ok": sum(r.state == "done" for r in runs),
             "hosts_failed": sum(r.state == "failed" for r in runs),
@@ -668,14 +669,19 @@ class RolloutEngine:
             "log": rollout.log[-20:],
         }
 
-    def report(self, rollout: Rollout) -> dict[str, Any]:
-        """Everything about a rollout: per host and per VM."""
+    def report(self, rollout: Rollout, offset: int = 0, limit: int = 100) -> dict[str, Any]:
+        """A rollout per host and per VM, one page of hosts at a time (`next_offset` is None on
+        the last page): a fleet's report does not fit in one NATS message."""
+        runs = self.host_runs(rollout.rollout_id)
+        page = runs[offset : offset + limit]
         return {
             **self.summary(rollout),
             "hosts": [
                 r.model_dump(mode="json", exclude={"trace_carrier"}) | {"trace_id": _trace_id(r)}
-                for r in self.host_runs(rollout.rollout_id)
+                for r in page
             ],
+            "offset": offset,
+            "next_offset": offset + limit if offset + limit < len(runs) else None,
         }
 
 

@@ -40,6 +40,7 @@ from shared.contracts import (
     MaintenanceApproved,
     MaintenanceCompleted,
     MaintenanceDeferred,
+    Page,
     RolloutRef,
     RolloutSubmit,
     VMPaused,
@@ -180,7 +181,7 @@ def build_app(settings: PlannerSettings) -> FastStream:
 
         async def act(e: RolloutEngine) -> dict[str, Any]:
             rollout = e.get(ref.rollout_id)
-            return e.summary(rollout) if ref.summary else e.report(rollout)
+            return e.summary(rollout) if ref.summary else e.report(rollout, ref.offset, ref.limit)
 
         return await command(act)
 
@@ -189,8 +190,15 @@ def build_app(settings: PlannerSettings) -> FastStream:
         """Every rollout, newest first (summaries)."""
 
         async def act(e: RolloutEngine) -> dict[str, Any]:
+            # Newest first, without the plans themselves (a fleet's plan is long).
             rollouts = sorted(e.rollouts.values(), key=lambda r: r.created_at, reverse=True)
-            return {"rollouts": [e.summary(r) for r in rollouts]}
+            bulky = ("waves", "violations", "skipped_hosts")
+            return {
+                "rollouts": [
+                    {k: v for k, v in e.summary(r).items() if k not in bulky}
+                    for r in rollouts[:500]
+                ]
+            }
 
         return await command(act)
 
@@ -222,12 +230,14 @@ def build_app(settings: PlannerSettings) -> FastStream:
         return await command(act)
 
     @broker.subscriber(subjects.rollout_command("hosts"), title="pp.cmd.rollout.hosts:planner")
-    async def hosts(body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The fleet inventory as the planner knows it."""
+    async def hosts(page: Page) -> dict[str, Any]:
+        """The fleet inventory as the planner knows it, a page at a time."""
+        known = sorted(engine().inventory.items(), key=lambda kv: kv[0])
+        end = page.offset + page.limit
         return {
-            "hosts": [
-                inv.to_json() for _, inv in sorted(engine().inventory.items(), key=lambda kv: kv[0])
-            ]
+            "hosts": [inv.to_json() for _, inv in known[page.offset : end]],
+            "total": len(known),
+            "next_offset": end if end < len(known) else None,
         }
 
     # ---------------------------------------------------------------- events
