@@ -17,7 +17,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import TracerProvider, sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class Telemetry:
     """The providers of one process."""
 
     tracer_provider: TracerProvider
-    meter_provider: MeterProvider
+    meter_provider: metrics.MeterProvider
     exporting: bool
 
     def tracer(self, name: str) -> trace.Tracer:
@@ -42,7 +42,8 @@ class Telemetry:
     def shutdown(self) -> None:
         """Flush what is buffered (only when exporting) and stop."""
         self.tracer_provider.shutdown()
-        self.meter_provider.shutdown()
+        if isinstance(self.meter_provider, MeterProvider):
+            self.meter_provider.shutdown()
 
 
 def _enabled(signal: str) -> bool:
@@ -73,19 +74,24 @@ def setup_telemetry(default_service_name: str) -> Telemetry:
         attributes[SERVICE_NAME] = default_service_name
     resource = Resource.create(attributes)
 
-    tracer_provider = TracerProvider(resource=resource)
     tracing = _enabled("traces")
+    # Nothing exported: the traces this process starts are not recorded (their context still
+    # travels in the messages, and a sampled parent from an exporting peer is honoured), which
+    # spares every message a span that goes nowhere. `OTEL_TRACES_SAMPLER` decides otherwise.
+    tracer_provider = TracerProvider(
+        resource=resource, sampler=None if tracing else sampling.ParentBased(sampling.ALWAYS_OFF)
+    )
     if tracing:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
 
-    readers = []
+    meter_provider: metrics.MeterProvider = metrics.NoOpMeterProvider()
     if _enabled("metrics"):
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
-        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
-    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        reader = PeriodicExportingMetricReader(OTLPMetricExporter())
+        meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
 
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)
