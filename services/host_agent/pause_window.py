@@ -191,7 +191,9 @@ class PauseWindow:
         self.resume_margin_s = resume_margin_s
         self.shutdown_timeout_s = shutdown_timeout_s
         self.resume_give_up_s = resume_give_up_s
-        self.calls = ThreadPoolExecutor(max_parallel_calls, thread_name_prefix=f"libvirt-{host}")
+        # One lane needs no pool threads at all (its calls run on the window's thread).
+        self.parallel_calls = 1 if lanes == 1 else max_parallel_calls
+        self.calls = ThreadPoolExecutor(self.parallel_calls, thread_name_prefix=f"libvirt-{host}")
         self.lanes = lanes
         """Threads per fan-out; None: one per VM."""
         self.path_thread = ThreadPoolExecutor(1, thread_name_prefix=f"window-{host}")
@@ -206,7 +208,9 @@ class PauseWindow:
 
     def warm_up(self) -> None:
         """Start the pool's threads now, not on the first window's critical path."""
-        fan_out(self.calls, lambda _: time.sleep(0.01), [str(i) for i in range(64)], 5.0)
+        if self.lanes != 1:
+            names = [str(i) for i in range(self.parallel_calls)]
+            fan_out(self.calls, lambda _: time.sleep(0.01), names, 5.0)
 
     def close(self) -> None:
         """Release the threads."""
@@ -500,7 +504,13 @@ class PauseWindow:
                 ops.start(vm)
 
         starts = await loop.run_in_executor(
-            self.path_thread, fan_out, self.calls, start_if_stopped, entry.vms, self.call_timeout_s
+            self.path_thread,
+            fan_out,
+            self.calls,
+            start_if_stopped,
+            entry.vms,
+            self.call_timeout_s,
+            self.lanes,
         )
         started = datetime.fromtimestamp(entry.started_at, UTC)
         now = utcnow()
