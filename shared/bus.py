@@ -185,7 +185,7 @@ class DeadLetter(BaseMiddleware):  # type: ignore[type-arg]
                 raise InvalidMessage(f"oversized: {size} bytes, more than {self.max_bytes}")
             return await call_next(msg)
         except ValidationError as exc:
-            reason = _validation_reason(exc)
+            reason = validation_reason(exc)
         except UnicodeDecodeError as exc:
             reason = f"not UTF-8 JSON: {exc}"
         except InvalidMessage as exc:
@@ -249,7 +249,7 @@ async def read_batch(
             if event is None:
                 raise InvalidMessage(f"a {json.loads(raw.data)['type']} on {raw.subject}")
         except ValidationError as exc:
-            reason = _validation_reason(exc)
+            reason = validation_reason(exc)
         except (ValueError, InvalidMessage) as exc:
             reason = str(exc) or type(exc).__name__
         else:
@@ -265,7 +265,8 @@ def context_of(raw: Msg) -> otel_context.Context:
     return propagate.extract(dict(raw.headers or {}))
 
 
-def _validation_reason(exc: ValidationError) -> str:
+def validation_reason(exc: ValidationError) -> str:
+    """A short, readable reason from a pydantic error (for the dead-letter record)."""
     parts = []
     for err in exc.errors()[:5]:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",)) or "message"
