@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -47,6 +48,22 @@ def fleet(hosts: int, vms: int, seed: int = 7) -> dict[str, list[SimVM]]:
         chosen = rng.sample(range(sets), min(vms, sets))
         result[name] = [SimVM(f"{name}-v{i:02d}", f"as-{s}", h % 5) for i, s in enumerate(chosen)]
     return result
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stack_pids(stack: LocalStack) -> dict[str, int]:
+    """Every process of the stack: nats-server(s) and the services."""
+    pids = {name: p.proc.pid for name, p in stack.services.items() if p.proc is not None}
+    servers = stack.cluster.nodes if stack.cluster is not None else [stack.nats]
+    for server in servers:
+        if server is not None and server.proc is not None:
+            pids[server.name] = server.proc.pid
+    return pids
 
 
 def peak_rss_mb(proc: ServiceProcess) -> float:
@@ -121,6 +138,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "pause_budget_s": 10,
                 "max_hosts_in_flight": args.in_flight,
             }
+            pids = stack_pids(stack)
+            cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
             started = time.monotonic()
             summary = await client.submit(request)
             waves = len(summary["waves"])
@@ -131,6 +150,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     break
                 await asyncio.sleep(0.5)
             total_s = time.monotonic() - started
+            cpu = {name: round(cpu_s(pid) - cpu_before[name], 2) for name, pid in pids.items()}
             await asyncio.sleep(3)  # the last clock results
             memory = {name: round(peak_rss_mb(p), 1) for name, p in stack.services.items()}
             await nc.close()
@@ -155,6 +175,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         elif kind == "MaintenanceCompleted" and body.get("rollout_id") == rid:
             overheads.append(body["overhead_ms"])
     phases = wave_phases(events, rid)
+    split = window_split(events, rid)
     for host, vms in hosts.items():
         if host in host_patched:
             for vm in vms:
@@ -180,9 +201,43 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "pause_overhead_median_ms": round(statistics.median(overheads), 3) if overheads else None,
         "pause_overhead_p99_ms": round(pct(overheads, 0.99), 3) if overheads else None,
         "wave_phases_median_ms": phases,
+        "window_split_ms": split,
+        "cpu_s_during_rollout": cpu,
+        "cpu_s_total": round(sum(cpu.values()), 1),
         "memory_peak_mb": memory,
         "messages_lost": lost,
     }
+
+
+def window_split(events: list[tuple[str, dict[str, Any]]], rid: str) -> dict[str, float]:
+    """Where a window's overhead goes, per host (median / p99, ms): `stop` from the first
+    suspend issued to the patch's start, `start` from the patch's end to the last resume
+    returned (host clock, from the events' own timestamps)."""
+
+    def ts(value: str) -> float:
+        return datetime.fromisoformat(value).timestamp() * 1000
+
+    first_pause: dict[str, float] = {}
+    last_resume: dict[str, float] = {}
+    patch: dict[str, tuple[float, float]] = {}
+    for _, body in events:
+        if body.get("rollout_id") != rid:
+            continue
+        kind, host = body.get("type"), str(body.get("host"))
+        if kind == "VMPaused":
+            first_pause[host] = min(first_pause.get(host, 1e18), ts(body["paused_at"]))
+        elif kind == "VMResumed":
+            last_resume[host] = max(last_resume.get(host, 0.0), ts(body["resumed_at"]))
+        elif kind == "HostPatched":
+            patch[host] = (ts(body["patch_started_at"]), ts(body["patch_finished_at"]))
+    stop = [patch[h][0] - first_pause[h] for h in patch if h in first_pause]
+    start = [last_resume[h] - patch[h][1] for h in patch if h in last_resume]
+    result: dict[str, float] = {}
+    for name, values in (("stop", stop), ("start", start)):
+        if values:
+            result[f"{name}_median"] = round(statistics.median(values), 2)
+            result[f"{name}_p99"] = round(pct(values, 0.99), 2)
+    return result
 
 
 def wave_phases(events: list[tuple[str, dict[str, Any]]], rid: str) -> dict[str, float]:

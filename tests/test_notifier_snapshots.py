@@ -35,6 +35,14 @@ async def test_a_snapshot_only_moves_forward_and_restores_the_documents(
     loaded = await replica_b.load()
     assert loaded == newer
 
+    # Writes after one's own go straight on; a write by the other replica in between is seen.
+    assert await replica_a.save({**newer, "seq": 5})
+    assert await replica_a.save({**newer, "seq": 6})
+    assert await replica_b.save({**newer, "seq": 7})
+    assert not await replica_a.save({**newer, "seq": 7})
+    assert await replica_a.save({**newer, "seq": 8})
+    assert (await SnapshotStore(kv).load() or {})["seq"] == 8
+
     restored = ScheduledEventsDocument()
     restored.load(loaded)
     web1 = restored.caller("10.0.0.1")

@@ -56,6 +56,9 @@ class HostAgentSettings(BusSettings):
     """Reboot maintenance: graceful shutdown time before a VM is forced off."""
     start_max_age_s: float = 120.0
     """A `MaintenanceStarted` older than this is refused (the planner gave up on it long ago)."""
+    start_poll_s: float = 5.0
+    """Each host's consumer of `MaintenanceStarted` waits this long per pull request; after a
+    NATS reconnect, a start can wait this long (well within the planner's start timeout)."""
     resume_margin_s: float = 0.02
     """Resumes begin this long before the budget so that they end within it."""
     fleet_file: Path | None = None

@@ -51,14 +51,17 @@ def hosts_of(settings: HostAgentSettings) -> list[HostAgentSettings]:
     return [HostAgentSettings.model_validate(h.model_dump()) for h in hosts]
 
 
-def subscribe(broker: NatsBroker, host: str, agents: dict[str, HostAgent]) -> None:
+def subscribe(
+    broker: NatsBroker, host: str, agents: dict[str, HostAgent], poll_s: float = 5.0
+) -> None:
     """The subscriptions of one host's agent."""
 
     @broker.subscriber(
         subjects.host_started(host),
         stream=events_stream(declare=False),
         durable=f"host-agent-{host}-started",
-        pull_sub=PullSub(batch_size=1, timeout=1.0),
+        # A long poll: an idle host costs the server one request per `poll_s`.
+        pull_sub=PullSub(batch_size=1, timeout=poll_s),
         ack_policy=AckPolicy.NACK_ON_ERROR,
         title=f"{subjects.host_started('{host}')}:host-agent",
         description="Run the maintenance window of this host.",
@@ -89,7 +92,7 @@ def build_app(settings: HostAgentSettings) -> FastStream:
     hosts = hosts_of(settings)
     agents: dict[str, HostAgent] = {}
     for host in hosts:
-        subscribe(broker, host.host, agents)
+        subscribe(broker, host.host, agents, host.start_poll_s)
 
     app = make_app(broker, SERVICE, "Runs the pause window of one host.")
 

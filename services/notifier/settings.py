@@ -35,7 +35,7 @@ class NotifierSettings(BusSettings):
     """Changes older than this when applied (replayed at start) are not pushed again."""
     snapshot_bucket: str = "pp_notifier"
     """KV bucket holding the documents' snapshot (any replica may write it)."""
-    snapshot_every: int = 1000
+    snapshot_every: int = 5000
     """Write a snapshot after this many bus events ..."""
     snapshot_interval_s: float = 30.0
     """... or this long after the last one, whichever comes first."""

@@ -8,6 +8,7 @@ replicas' snapshots at one `seq` are the same, and a write only ever moves `seq`
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import zlib
@@ -36,6 +37,10 @@ class SnapshotStore:
 
     def __init__(self, kv: Any) -> None:
         self.kv = kv
+        self.revision: int | None = None
+        """The key's revision after our own last write (or the load, which precedes every
+        write): while it is still current, nobody wrote since and the next write, always
+        newer, needs no read of the stored snapshot."""
 
     async def load(self) -> dict[str, Any] | None:
         """The newest snapshot, or None (none yet, or unreadable: the stream is replayed)."""
@@ -43,6 +48,7 @@ class SnapshotStore:
             entry = await self.kv.get(KEY)
         except KeyNotFoundError:
             return None
+        self.revision = entry.revision
         try:
             return decode(entry.value)
         except (ValueError, zlib.error) as exc:
@@ -51,19 +57,30 @@ class SnapshotStore:
 
     async def save(self, snapshot: dict[str, Any]) -> bool:
         """Store `snapshot` unless the stored one is as new; True when written."""
-        raw = encode(snapshot)
+        raw = await asyncio.to_thread(encode, snapshot)  # zlib lets the event loop go on
+        if self.revision is not None:
+            try:
+                # Still the revision we know (ours, or what we loaded): nobody wrote since.
+                self.revision = await self.kv.update(KEY, raw, last=self.revision)
+                return True
+            except Exception as exc:
+                if not isinstance(exc, KeyWrongLastSequenceError) and (
+                    "wrong last sequence" not in str(exc).lower()
+                ):
+                    raise
+            # Another replica wrote meanwhile: compare with what it stored.
         try:
             entry = await self.kv.get(KEY)
         except KeyNotFoundError:
             entry = None
         try:
             if entry is None:
-                await self.kv.create(KEY, raw)
+                self.revision = await self.kv.create(KEY, raw)
             else:
                 stored = decode(entry.value) if entry.value else {"seq": -1}
                 if int(stored.get("seq", -1)) >= int(snapshot["seq"]):
                     return False
-                await self.kv.update(KEY, raw, last=entry.revision)
+                self.revision = await self.kv.update(KEY, raw, last=entry.revision)
         except KeyWrongLastSequenceError:
             return False  # another replica wrote meanwhile
         except Exception as exc:
