@@ -155,6 +155,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             memory = {name: round(peak_rss_mb(p), 1) for name, p in stack.services.items()}
             await nc.close()
             events = await read_stream(stack.nats_url)
+            if args.dump_events:
+                with args.dump_events.open("w") as out:
+                    for subject, body in events:
+                        out.write(json.dumps({"subject": subject, **body}) + "\n")
         finally:
             stack.stop()
 
@@ -285,6 +289,7 @@ def main() -> None:
     parser.add_argument("--notice-s", type=float, default=1.0)
     parser.add_argument("--patch-s", type=float, default=0.1)
     parser.add_argument("--cluster", action="store_true", help="3-node NATS cluster, R3")
+    parser.add_argument("--dump-events", type=Path, help="write every stream event (JSON lines)")
     args = parser.parse_args()
     result = asyncio.run(run(args))
     width = max(len(k) for k in result)

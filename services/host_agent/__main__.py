@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
+
+import uvloop
 
 
 def main() -> None:
@@ -23,7 +24,8 @@ def main() -> None:
         os.environ["PP_LIBVIRT_URI"] = args.libvirt_uri
     from services.host_agent.main import app
 
-    asyncio.run(app.run())
+    # uvloop: less CPU per message than asyncio's own loop (every event goes through it).
+    uvloop.run(app.run())
 
 
 if __name__ == "__main__":

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
+import uvloop
 
 
 def main() -> None:
     from services.planner.main import app
 
-    asyncio.run(app.run())
+    # uvloop: less CPU per message than asyncio's own loop (every event goes through it).
+    uvloop.run(app.run())
 
 
 if __name__ == "__main__":
