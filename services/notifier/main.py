@@ -190,7 +190,9 @@ def build_app(settings: NotifierSettings) -> FastStream:
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             config=ConsumerConfig(opt_start_seq=document.seq + 1),
-            ack_policy=AckPolicy.ACK_FIRST,
+            # An ordered consumer acknowledges nothing (AckNone): an ack would only be one more
+            # publish per event, ignored by the server.
+            ack_policy=AckPolicy.MANUAL,
             title="pp.evt.>:notifier",
             description="Inventory, maintenance and measurement events that make the documents.",
         )(on_bus_event)
