@@ -182,10 +182,9 @@ def settle_gc() -> None:
     """Once a service has started: what exists now lives as long as the process, so it leaves
     the collector's view (`gc.freeze`), and the young generations are collected less often.
 
-    Measured on the soak bench, the collector otherwise stops a service for 5-30 ms many times
-    a second and for 100-470 ms on each full collection, holding the GIL: the largest single
-    cause of the pause window's p99 overhead in an agent, and a tenth of every service's CPU.
-    Events die young and by reference counting; the thresholds only delay cyclic garbage.
+    Measured on the soak bench (`gc.callbacks`), the collector otherwise stopped every service
+    for 5-30 ms several times a second and for 100-470 ms on each full collection, holding the
+    GIL. Events die young and by reference counting; the thresholds only delay cyclic garbage.
     """
     gc.collect()
     gc.freeze()

@@ -22,7 +22,7 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from pydantic import ValidationError
 
 from services.clock_sync.batcher import HostBatcher
-from services.clock_sync.sync import decide, result_id
+from services.clock_sync.sync import clock_result, decide
 from shared import subjects
 from shared.bus import (
     DUPLICATE_WINDOW_S,
@@ -39,7 +39,6 @@ from shared.contracts import (
     ClockAction,
     ClockReading,
     ClockReadings,
-    ClockSynced,
     VMResumed,
     utcnow,
 )
@@ -118,18 +117,7 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
             await raw.ack()
             return
         if not event.ok:
-            await publisher.publish(
-                ClockSynced(
-                    event_id=result_id(event),
-                    host=event.host,
-                    vm=event.vm,
-                    rollout_id=event.rollout_id,
-                    ok=False,
-                    method="none",
-                    attempts=0,
-                    error="VM was not resumed",
-                )
-            )
+            await publisher.publish(clock_result(event, None, False, 0, "VM was not resumed"))
             remember(done, key)
             await raw.ack()
             return

@@ -14,6 +14,24 @@ def result_id(resumed: VMResumed) -> uuid.UUID:
     return uuid.uuid5(resumed.event_id, "clock-synced")
 
 
+def clock_result(
+    resumed: VMResumed, reading: ClockReading | None, ok: bool, attempts: int, error: str | None
+) -> ClockSynced:
+    """The `ClockSynced` reporting the sync of `resumed` (with the agent's `reading`, if any)."""
+    return ClockSynced(
+        event_id=result_id(resumed),
+        host=resumed.host,
+        vm=resumed.vm,
+        rollout_id=resumed.rollout_id,
+        ok=ok,
+        skew_before_ms=reading.skew_before_ms if reading else None,
+        skew_after_ms=reading.skew_after_ms if reading else None,
+        method=reading.method if reading and reading.ok else "none",
+        attempts=attempts,
+        error=error,
+    )
+
+
 @dataclass(frozen=True)
 class Decision:
     """Publish `event` (when set) or retry after `retry_in_s`."""
@@ -39,20 +57,7 @@ def decide(
     """
 
     def result(ok: bool, error: str | None) -> Decision:
-        return Decision(
-            ClockSynced(
-                event_id=result_id(resumed),
-                host=resumed.host,
-                vm=resumed.vm,
-                rollout_id=resumed.rollout_id,
-                ok=ok,
-                skew_before_ms=reading.skew_before_ms if reading else None,
-                skew_after_ms=reading.skew_after_ms if reading else None,
-                method=reading.method if reading and reading.ok else "none",
-                attempts=attempt,
-                error=error,
-            )
-        )
+        return Decision(clock_result(resumed, reading, ok, attempt, error))
 
     last = attempt >= max_attempts
     if reading is None:

@@ -51,9 +51,7 @@ def hosts_of(settings: HostAgentSettings) -> list[HostAgentSettings]:
     return [HostAgentSettings.model_validate(h.model_dump()) for h in hosts]
 
 
-def subscribe(
-    broker: NatsBroker, host: str, agents: dict[str, HostAgent], poll_s: float = 5.0
-) -> None:
+def subscribe(broker: NatsBroker, host: str, agents: dict[str, HostAgent], poll_s: float) -> None:
     """The subscriptions of one host's agent."""
 
     @broker.subscriber(

@@ -64,9 +64,7 @@ class SnapshotStore:
                 self.revision = await self.kv.update(KEY, raw, last=self.revision)
                 return True
             except Exception as exc:
-                if not isinstance(exc, KeyWrongLastSequenceError) and (
-                    "wrong last sequence" not in str(exc).lower()
-                ):
+                if not _wrong_last_sequence(exc):
                     raise
             # Another replica wrote meanwhile: compare with what it stored.
         try:
@@ -81,10 +79,13 @@ class SnapshotStore:
                 if int(stored.get("seq", -1)) >= int(snapshot["seq"]):
                     return False
                 self.revision = await self.kv.update(KEY, raw, last=entry.revision)
-        except KeyWrongLastSequenceError:
-            return False  # another replica wrote meanwhile
         except Exception as exc:
-            if "wrong last sequence" in str(exc).lower():
-                return False
+            if _wrong_last_sequence(exc):
+                return False  # another replica wrote meanwhile
             raise
         return True
+
+
+def _wrong_last_sequence(exc: Exception) -> bool:
+    """The compare-and-set failed: the key has another revision than the one given."""
+    return isinstance(exc, KeyWrongLastSequenceError) or "wrong last sequence" in str(exc).lower()
