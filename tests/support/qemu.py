@@ -10,6 +10,9 @@ their guest agent answers, and remove them again.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import shutil
 import subprocess
 import time
 from collections.abc import Collection, Iterator, Mapping
@@ -23,6 +26,9 @@ from shared.placement import Placement, placement_element
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_DIR = REPO_ROOT / "deploy" / "libvirt"
 GUEST_DIR = REPO_ROOT / "build" / "guest"
+QEMU_GUEST_DIR = Path("/var/lib/pausepatch-tests/guest")
+"""Where QEMU (user libvirt-qemu) reads the guest from: the checkout may sit below a directory
+it cannot enter (a clone under `mktemp -d`, mode 0700)."""
 SYSTEM_URI = "qemu:///system"
 CONSOLE_LOG_DIR = Path("/var/log/libvirt/qemu")
 AGENT_POLL_S = 0.5
@@ -72,7 +78,23 @@ def build_guest() -> tuple[Path, Path]:
     Raises RuntimeError with the script's output if the build fails.
     """
     _run_script("build-guest.sh", str(GUEST_DIR))
-    return GUEST_DIR / "vmlinuz", GUEST_DIR / "initrd.img"
+    # One directory per build (its stamp names the packages): a session never replaces the
+    # files another one's guests boot from.
+    key = hashlib.sha256((GUEST_DIR / ".stamp").read_bytes()).hexdigest()[:16]
+    target = QEMU_GUEST_DIR / key
+    if not (target / "initrd.img").is_file():
+        staging = QEMU_GUEST_DIR / f".{key}.{os.getpid()}"
+        staging.mkdir(parents=True, exist_ok=True)
+        for name in ("vmlinuz", "initrd.img"):
+            shutil.copyfile(GUEST_DIR / name, staging / name)
+            (staging / name).chmod(0o644)
+        for directory in (staging, QEMU_GUEST_DIR, QEMU_GUEST_DIR.parent):
+            directory.chmod(0o755)
+        try:
+            staging.rename(target)
+        except OSError:  # another session published the same build meanwhile
+            shutil.rmtree(staging)
+    return target / "vmlinuz", target / "initrd.img"
 
 
 def console_log(name: str) -> Path:
