@@ -47,6 +47,7 @@ def submit_body(args: argparse.Namespace) -> dict[str, Any]:
         "pause_budget_s": args.pause_budget,
         "notice_s": args.notice,
         "max_hosts_in_flight": args.max_in_flight,
+        "notice_ahead_waves": args.notice_ahead_waves,
         "failure_budget": args.failure_budget,
         "allow_placement_violations": args.allow_placement_violations,
     }
@@ -336,6 +337,12 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--notice", type=float, default=DEFAULT_NOTICE_S, help="seconds (default 900)")
     s.add_argument("--max-in-flight", type=int, default=10)
+    s.add_argument(
+        "--notice-ahead-waves",
+        type=int,
+        default=1,
+        help="waves given notice while the one before is patched (default 1; 0: one at a time)",
+    )
     s.add_argument("--failure-budget", type=int, default=0)
     s.add_argument("--allow-placement-violations", action="store_true")
     s.add_argument("--wait", action="store_true", help="show progress until done, then the report")

@@ -411,6 +411,17 @@ class RolloutSubmit(Message):
     pause_budget_s: float = Field(default=MAX_PAUSE_BUDGET_S, gt=0, le=MAX_PAUSE_BUDGET_S)
     notice_s: float = Field(default=DEFAULT_NOTICE_S, ge=0, description="Minimum notice.")
     max_hosts_in_flight: int = Field(default=10, ge=1, description="Hosts patched at once.")
+    notice_ahead_waves: int = Field(
+        default=1,
+        ge=0,
+        le=1000,
+        description=(
+            "Waves after the current one whose hosts get their notice at the same time, so that"
+            " a wave's notice runs while the waves before it are patched (0: each wave's notice"
+            " starts only once the previous wave finished). A wave never starts before the one"
+            " ahead of it finished, whatever its notice."
+        ),
+    )
     failure_budget: int = Field(default=0, ge=0, description="Host failures before halting.")
     allow_placement_violations: bool = Field(
         default=False,

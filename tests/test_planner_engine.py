@@ -16,6 +16,7 @@ from shared.client import connect
 from shared.contracts import (
     Event,
     HostInventory,
+    MaintenanceCancelled,
     MaintenanceCompleted,
     MaintenancePlanned,
     MaintenanceStarted,
@@ -150,3 +151,78 @@ async def test_a_report_comes_in_pages_that_cover_every_host_once(fleet: Fleet) 
         pages.append([h["host"] for h in page["hosts"]])
         offset = page["next_offset"]
     assert pages == [["h0", "h1"], ["h2", "h3"], ["h4"]]
+
+
+def planned_hosts(published: list[Event]) -> list[str]:
+    return [e.host for e in published if isinstance(e, MaintenancePlanned)]
+
+
+async def three_waves(fleet: Fleet, notice_ahead_waves: int) -> None:
+    for i in range(3):
+        fleet.report(f"h{i}", [vm(f"v{i}", None, None)])
+    rollout = await fleet.engine.submit(
+        RolloutSubmit(
+            update_id="u",
+            patch=PatchSpec(duration_s=0),
+            notice_s=20,
+            max_hosts_in_flight=1,
+            notice_ahead_waves=notice_ahead_waves,
+        )
+    )
+    assert rollout.waves == [["h0"], ["h1"], ["h2"]]
+
+
+async def test_a_wave_gets_its_notice_while_the_wave_before_it_is_patched(fleet: Fleet) -> None:
+    await three_waves(fleet, notice_ahead_waves=1)
+    await fleet.tick(0)
+    assert planned_hosts(fleet.published) == ["h0", "h1"]  # wave 1 ahead of its turn
+    await fleet.tick(19)
+    assert started_hosts(fleet.published) == []  # nobody starts before their notice ends
+    await fleet.tick(1)
+    assert started_hosts(fleet.published) == ["h0"]
+    await fleet.tick(5)
+    assert started_hosts(fleet.published) == ["h0"]  # wave 1's notice has passed, but h0 runs
+    await fleet.finish_started_hosts()
+    await fleet.tick(0)  # wave 0 finishes; wave 1 starts in the same step, wave 2 gets notice
+    assert started_hosts(fleet.published) == ["h0", "h1"]
+    assert planned_hosts(fleet.published) == ["h0", "h1", "h2"]
+    h2 = [e for e in fleet.published if isinstance(e, MaintenancePlanned) and e.host == "h2"]
+    assert h2[0].not_before == fleet.clock.now + timedelta(seconds=20)
+
+
+async def test_without_notice_ahead_each_wave_waits_its_whole_notice(fleet: Fleet) -> None:
+    await three_waves(fleet, notice_ahead_waves=0)
+    await fleet.tick(0)
+    assert planned_hosts(fleet.published) == ["h0"]
+    await fleet.tick(20)
+    await fleet.finish_started_hosts()
+    await fleet.tick(0)  # wave 0 finishes: wave 1 gets its notice only now
+    assert planned_hosts(fleet.published) == ["h0", "h1"]
+    await fleet.tick(19)
+    assert started_hosts(fleet.published) == ["h0"]
+    await fleet.tick(1)
+    assert started_hosts(fleet.published) == ["h0", "h1"]
+
+
+async def test_a_host_noticed_ahead_then_dropped_from_the_plan_gets_its_event_cancelled(
+    fleet: Fleet,
+) -> None:
+    fleet.report("h0", [vm("web-0", "web", 0)])
+    fleet.report("h1", [vm("web-1", "web", 1)])
+    rollout = await fleet.engine.submit(
+        RolloutSubmit(update_id="u", patch=PatchSpec(duration_s=0), notice_s=0)
+    )
+    assert rollout.waves == [["h0"], ["h1"]]
+    await fleet.tick()  # notice for waves 0 and 1
+    await fleet.tick()  # start wave 0
+    assert planned_hosts(fleet.published) == ["h0", "h1"]
+    # h1 now carries two update domains of the set: it cannot be patched without a violation.
+    fleet.report("h1", [vm("web-1", "web", 1), vm("web-2", "web", 0)])
+    await fleet.finish_started_hosts()
+    await fleet.tick()  # wave 0 ends; the re-plan drops h1
+    cancelled = [e for e in fleet.published if isinstance(e, MaintenanceCancelled)]
+    assert [e.host for e in cancelled] == ["h1"]
+    run = fleet.engine.hosts[(rollout.rollout_id, "h1")]
+    assert run.state == "skipped" and cancelled[0].scheduled_event_id == run.scheduled_event_id
+    await fleet.tick()
+    assert rollout.state == "completed" and started_hosts(fleet.published) == ["h0"]

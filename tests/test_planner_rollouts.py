@@ -289,11 +289,14 @@ async def test_abort_cancels_the_events_not_started(
         {"update_id": "later", "patch": {"duration_s": 0.1}, "notice_s": 600}
     )
     rid = rollout["rollout_id"]
-    planned = await watcher.wait_for(lambda w: w.events(MaintenancePlanned, rollout_id=rid), 20)
+    # Two waves, and the second one has its notice ahead of its turn (notice_ahead_waves=1).
+    await watcher.wait_for(lambda w: len(w.events(MaintenancePlanned, rollout_id=rid)) == 2, 20)
+    planned = watcher.events(MaintenancePlanned, rollout_id=rid)
     await client.abort(rid, "change freeze")
-    cancelled = await watcher.wait_for(
-        lambda w: w.events(MaintenanceCancelled, rollout_id=rid), 20, "cancellations"
+    await watcher.wait_for(
+        lambda w: len(w.events(MaintenanceCancelled, rollout_id=rid)) == 2, 20, "cancellations"
     )
+    cancelled = watcher.events(MaintenanceCancelled, rollout_id=rid)
     assert {e.scheduled_event_id for e in cancelled} == {e.scheduled_event_id for e in planned}
     assert not watcher.events(MaintenanceStarted, rollout_id=rid)
 

@@ -609,6 +609,11 @@ class ScheduledEventsDocument:
 
     # ------------------------------------------------------------ snapshots
 
+    @property
+    def size(self) -> int:
+        """Records a snapshot holds (scheduled events and VMs): what writing one costs."""
+        return len(self.events) + len(self.placement)
+
     def to_json(self) -> dict[str, Any]:
         """Everything needed to go on from `seq` (a snapshot)."""
         return {

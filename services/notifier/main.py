@@ -100,7 +100,11 @@ def build_app(settings: NotifierSettings) -> FastStream:
             log.exception("could not write the snapshot")
 
     def maybe_snapshot() -> None:
-        due = document.seq - snapshot_state["seq"] >= settings.snapshot_every or (
+        # A snapshot costs its size: written at most once per as many events as it holds, its
+        # cost per event stays constant however large the fleet (and a restart replays at most
+        # that many events after it).
+        every = max(settings.snapshot_every, document.size)
+        due = document.seq - snapshot_state["seq"] >= every or (
             document.seq > snapshot_state["seq"]
             and time.monotonic() - snapshot_state["at"] >= settings.snapshot_interval_s
         )

@@ -36,7 +36,8 @@ class NotifierSettings(BusSettings):
     snapshot_bucket: str = "pp_notifier"
     """KV bucket holding the documents' snapshot (any replica may write it)."""
     snapshot_every: int = 5000
-    """Write a snapshot after this many bus events ..."""
+    """Write a snapshot after this many bus events (or as many as the snapshot holds records,
+    if more) ..."""
     snapshot_interval_s: float = 30.0
     """... or this long after the last one, whichever comes first."""
     catch_up_timeout_s: float = 120.0

@@ -453,6 +453,12 @@ class RolloutEngine:
         return [self.hosts[(rollout.rollout_id, h)] for h in rollout.waves[wave]]
 
     async def _advance(self, rollout: Rollout) -> None:
+        # A finished wave is followed by the next one at once, not at the next tick.
+        while await self._advance_wave(rollout) and rollout.state == "running":
+            pass
+
+    async def _advance_wave(self, rollout: Rollout) -> bool:
+        """Move the current wave forward; True once it finished and the next one is current."""
         now = self.now()
         runs = self._wave_runs(rollout, rollout.current_wave)
         for run in runs:
@@ -468,10 +474,15 @@ class RolloutEngine:
                     await self.store.save_rollout(rollout)
                     await self._status(rollout)
         if rollout.state != "running":
-            return
+            return False
         if not rollout.wave_noticed:
-            await self._notice_wave(rollout, runs)
-            return
+            announced = await self._notice_wave(rollout, rollout.current_wave)
+            rollout.wave_noticed = True
+            if announced:
+                await self._notice_ahead(rollout)
+                await self.store.save_rollout(rollout)
+                await self._status(rollout)
+                return False
         noticed = [r for r in runs if r.state == "noticed"]
         if noticed and all(r.state != "pending" for r in runs):
             due = max(r.not_before or now for r in noticed)
@@ -482,13 +493,32 @@ class RolloutEngine:
                 # Every host of the wave at once: their events go out in one round of acks.
                 await asyncio.gather(*(self._start(rollout, run) for run in noticed))
                 await self.store.save_rollout(rollout)
+        # After the start: a start waits on nothing that is not needed for it.
+        if await self._notice_ahead(rollout):
+            await self.store.save_rollout(rollout)
+            await self._status(rollout)
         if all(r.terminal and r.clock_settled(now, self.clock_timeout_s) for r in runs):
             await self._next_wave(rollout)
+            return True
+        return False
 
-    async def _notice_wave(self, rollout: Rollout, runs: list[HostRun]) -> None:
+    async def _notice_ahead(self, rollout: Rollout) -> int:
+        """Notice for the `notice_ahead_waves` waves after the current one (those who have none
+        yet): their notice runs while the current wave is patched, so a rollout does not pay the
+        notice once per wave. Returns how many hosts got it now."""
+        last = min(
+            len(rollout.waves), rollout.current_wave + 1 + rollout.request.notice_ahead_waves
+        )
+        announced = 0
+        for wave in range(rollout.current_wave + 1, last):
+            announced += await self._notice_wave(rollout, wave)
+        return announced
+
+    async def _notice_wave(self, rollout: Rollout, wave: int) -> int:
+        """Give notice to the hosts of `wave` that have none yet; how many got it."""
         fleet = self._fleet()
         announcing = []
-        for run in runs:
+        for run in self._wave_runs(rollout, wave):
             if run.state != "pending":
                 continue
             if run.host not in fleet:
@@ -503,10 +533,10 @@ class RolloutEngine:
             run.state = "noticed"
             announcing.append(self._announce(rollout, run))
         await asyncio.gather(*announcing)
-        rollout.wave_noticed = True
-        rollout.note(f"wave {rollout.current_wave}: notice given to {len(runs)} host(s)")
-        await self.store.save_rollout(rollout)
-        await self._status(rollout)
+        if announcing:
+            ahead = "" if wave == rollout.current_wave else " (ahead of its turn)"
+            rollout.note(f"wave {wave}: notice given to {len(announcing)} host(s){ahead}")
+        return len(announcing)
 
     def _host_trace(self, run: HostRun, name: str) -> Any:
         """A span in the host maintenance's own trace (one trace per host maintenance)."""
@@ -617,6 +647,8 @@ class RolloutEngine:
                     if host not in fleet
                     else "placement violation"
                 )
+                if run.state == "noticed":  # given notice ahead of its wave: the event goes
+                    await self._cancel(run, f"skipped: {why}")
                 run.state, run.error = "skipped", why
                 rollout.skipped_hosts[host] = why
                 await self.store.save_host(run)
