@@ -73,7 +73,8 @@ async def run_demo() -> int:
                 plan = await client.plan(request)
                 console.print(
                     f"plan: {plan['waves']} (lower bound {plan['lower_bound']} waves; "
-                    f"2 s notice per wave, patch `{PATCH_COMMAND}`)"
+                    f"2 s notice, the next wave's running while a wave is patched; "
+                    f"patch `{PATCH_COMMAND}`)"
                 )
                 summary = await client.submit(request)
                 final = await watch(client, summary["rollout_id"])
