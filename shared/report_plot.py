@@ -34,6 +34,8 @@ class HostRow:
     state: str
     notice: tuple[float, float] | None
     """Notice given, to the time it ended (not_before, or the start if approved earlier)."""
+    waiting: tuple[float, float] | None
+    """Notice over, to the start: the wave ahead of it was still being patched."""
     pause: tuple[float, float] | None
     """First VM paused to last VM resumed (host clock)."""
     window_ms: float | None
@@ -62,11 +64,13 @@ def timeline_rows(report: dict[str, Any]) -> list[HostRow]:
     for host in report["hosts"]:
         noticed, not_before = _time(host.get("noticed_at")), _time(host.get("not_before"))
         started = _time(host.get("started_at"))
-        notice = None
+        notice = waiting = None
         if noticed is not None:
             ends = [t for t in (not_before, started) if t is not None]
             end = max(min(ends), noticed) if ends else noticed
             notice = (since(noticed), since(end))
+            if started is not None and started > end:
+                waiting = (since(end), since(started))
         records = host.get("vm_records") or {}
         paused = [_time(r.get("paused_at")) for r in records.values()]
         resumed = [_time(r.get("resumed_at")) for r in records.values()]
@@ -81,6 +85,7 @@ def timeline_rows(report: dict[str, Any]) -> list[HostRow]:
                 wave=int(host["wave"]),
                 state=host["state"],
                 notice=notice,
+                waiting=waiting,
                 pause=pause,
                 window_ms=host.get("window_ms"),
                 patch_ms=host.get("patch_ms"),
@@ -108,7 +113,9 @@ def render_timeline(report: dict[str, Any], path: Path) -> Figure:
             label.set_color(FAILED_COLOUR)
     timeline.invert_yaxis()
     timeline.set_xlabel("seconds since the rollout was submitted")
-    timeline.set_title("notice (light) and pause window (solid) per host")
+    timeline.set_title(
+        "notice (light), waiting for the wave ahead (dotted), pause window (solid) per host"
+    )
     windows.set_xlabel("pause window, ms (solid: patch, light: overhead)")
     windows.set_title("pause windows to scale")
     longest = max((r.window_ms or 0.0 for r in rows), default=0.0)
@@ -147,6 +154,10 @@ def _draw_host(timeline: Any, windows: Any, y: int, row: HostRow, colour: Any) -
         timeline.barh(y, end - start, left=start, height=0.5, color=colour, alpha=0.25)[0].set_gid(
             f"notice:{row.host}"
         )
+    if row.waiting is not None:
+        start, end = row.waiting
+        (line,) = timeline.plot([start, end], [y, y], ls=":", lw=2, color=colour)
+        line.set_gid(f"waiting:{row.host}")
     if row.pause is not None:
         start, end = row.pause
         bar = timeline.barh(y, end - start, left=start, height=0.7, color=colour)[0]

@@ -123,6 +123,15 @@ def test_each_host_is_a_row_with_its_pause_window_to_scale(tmp_path: Path) -> No
         )
 
 
+def test_a_host_noticed_ahead_shows_its_wait_for_the_wave_before_it(tmp_path: Path) -> None:
+    # Noticed at 1 s with the wave ahead (notice ends at 61 s), started at 75 s when it finished.
+    late = host_run("hv-04", 1, 1.0, 75.0, {"e": (75.0, 75.3)})
+    artists = drawn(render_timeline({**REPORT, "hosts": [late]}, tmp_path / "t.svg"))
+    assert artists["notice:hv-04"].get_width() == pytest.approx(60.0)
+    assert list(artists["waiting:hv-04"].get_xdata()) == pytest.approx([61.0, 75.0])
+    assert not [g for g in drawn(render_timeline(REPORT, tmp_path / "u.svg")) if "waiting" in g]
+
+
 async def test_report_plot_draws_a_real_rollout_with_its_failed_host(
     stack: LocalStack,
     bus: tuple[PlannerClient, EventWatcher],
