@@ -324,13 +324,16 @@ def main() -> None:
     )
     parser.add_argument("--cluster", action="store_true", help="3-node NATS cluster, R3")
     parser.add_argument("--dump-events", type=Path, help="write every stream event (JSON lines)")
+    parser.add_argument(
+        "--out", type=Path, help="JSON result (default bench/results/soak[-cluster].json)"
+    )
     args = parser.parse_args()
     result = asyncio.run(run(args))
     width = max(len(k) for k in result)
     for key, value in result.items():
         print(f"{key:<{width}}  {value}")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("soak-cluster.json" if args.cluster else "soak.json")
+    out = args.out or RESULTS / ("soak-cluster.json" if args.cluster else "soak.json")
     out.write_text(json.dumps(result, indent=2))
     print(f"\nwritten to {out}")
 

@@ -64,6 +64,9 @@ class ClockSyncSettings(BusSettings):
     clock_request_timeout_s: float = 5.0
     clock_dedup_ttl_s: float = 24 * 3600.0
     """How long a synced resume is remembered (a replayed event within it changes nothing)."""
+    clock_in_flight: int = 4096
+    """Resumes handled at once by this replica (the next batch is fetched while earlier ones
+    wait on their hosts' agents; past this many, fetching waits)."""
 
 
 def build_app(settings: ClockSyncSettings) -> FastStream:
@@ -74,6 +77,7 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
     publisher = EventPublisher(broker)
     state: dict[str, Any] = {}
     pending: set[asyncio.Future[Any]] = set()
+    in_flight = asyncio.Semaphore(settings.clock_in_flight)
 
     tracer = telemetry.tracer("pausepatch.clock_sync")
 
@@ -90,7 +94,18 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
     )
     async def on_resumed() -> None:
         items = await read_batch(broker, SERVICE, (VMResumed,), settings.max_message_bytes)
-        await asyncio.gather(*(sync_one(event, raw) for event, raw in items))  # type: ignore[arg-type]
+        # The batch is handled in the background: the next one is fetched while this one waits
+        # on its hosts' agents and on the stream's acks (each message is acknowledged by itself,
+        # once its result is stored). `in_flight` bounds how many wait at once.
+        for _ in items:
+            await in_flight.acquire()
+        task = asyncio.ensure_future(
+            asyncio.gather(*(sync_one(event, raw) for event, raw in items))  # type: ignore[arg-type]
+        )
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        for _ in items:
+            task.add_done_callback(lambda _: in_flight.release())
 
     async def sync_one(event: VMResumed, raw: Msg) -> None:
         """One resumed VM, in the trace of its pause."""
@@ -183,6 +198,9 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
 
     @app.on_shutdown
     async def shutdown() -> None:
+        # Syncs under way finish (or time out); what is left unacknowledged is redelivered.
+        if pending:
+            await asyncio.wait(pending, timeout=settings.clock_request_timeout_s)
         await publisher.stop()
         telemetry.shutdown()
 
