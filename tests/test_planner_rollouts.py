@@ -8,6 +8,7 @@ import asyncio
 import json
 from collections import defaultdict
 from datetime import datetime
+from typing import Any
 
 import pytest
 
@@ -83,6 +84,21 @@ async def test_never_pauses_two_update_domains_of_a_set_at_the_same_time(
             (set_a, ud_a), (set_b, ud_b) = placement[a], placement[b]
             if set_a == set_b and ud_a != ud_b:
                 assert a1 <= b0 or b1 <= a0, f"{a} (UD {ud_a}) and {b} (UD {ud_b}) overlapped"
+
+    # Notice ahead (the default): a wave got its notice while the wave ahead of it was patched
+    # (before any of its hosts finished), and started only once every one of them had finished.
+    wave_of = {e.host: e.wave for e in watcher.events(MaintenancePlanned, rollout_id=rid)}
+    waves = max(wave_of.values()) + 1
+    assert waves >= 5
+
+    def times(kind: type[Any], wave: int) -> list[Any]:
+        return [
+            e.occurred_at for e in watcher.events(kind, rollout_id=rid) if wave_of[e.host] == wave
+        ]
+
+    for wave in range(1, waves):
+        assert max(times(MaintenancePlanned, wave)) < min(times(MaintenanceCompleted, wave - 1))
+        assert min(times(MaintenanceStarted, wave)) >= max(times(MaintenanceCompleted, wave - 1))
 
 
 async def test_approvals_start_a_wave_before_its_notice_ends(
