@@ -7,7 +7,6 @@ import subprocess
 import sys
 from typing import Any
 
-import pytest
 import yaml
 
 from shared import subjects
@@ -60,10 +59,5 @@ def test_documents_show_what_each_service_consumes_with_contract_schemas() -> No
         assert servers["development"]["host"] == "nats:4222"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the notifier declares its subscriber in its start-up hook (after the snapshot is "
-    "read), so `faststream docs gen` sees no channel of it",
-)
 def test_the_notifier_document_shows_its_subscription() -> None:
     assert subjects.EVENTS_ROOT in addresses("notifier")

@@ -117,6 +117,23 @@ def build_app(settings: NotifierSettings) -> FastStream:
         saving.add(task)
         task.add_done_callback(saving.discard)
 
+    # An ordered consumer of this replica's own: every replica applies every event in the one
+    # stream order. Declared here (so the AsyncAPI document shows it); where it starts, just
+    # after the snapshot, is set in `startup`, which runs before the broker starts subscribing.
+    replay = ConsumerConfig(opt_start_seq=1)
+
+    @broker.subscriber(
+        subjects.EVENTS_ROOT,
+        stream=events_stream(declare=False),
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+        config=replay,
+        # An ordered consumer acknowledges nothing (AckNone): an ack would only be one more
+        # publish per event, ignored by the server.
+        ack_policy=AckPolicy.MANUAL,
+        title="pp.evt.>:notifier",
+        description="Inventory, maintenance and measurement events that make the documents.",
+    )
     async def on_bus_event() -> None:
         """Inventory, maintenance and measurement events, in stream order, make the documents."""
         msg = current_message(broker)
@@ -186,20 +203,7 @@ def build_app(settings: NotifierSettings) -> FastStream:
                 info.state.first_seq,
                 document.seq,
             )
-        # An ordered consumer of this replica's own, from just after the snapshot: every replica
-        # applies every event in the one stream order.
-        broker.subscriber(
-            subjects.EVENTS_ROOT,
-            stream=events_stream(declare=False),
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            config=ConsumerConfig(opt_start_seq=document.seq + 1),
-            # An ordered consumer acknowledges nothing (AckNone): an ack would only be one more
-            # publish per event, ignored by the server.
-            ack_policy=AckPolicy.MANUAL,
-            title="pp.evt.>:notifier",
-            description="Inventory, maintenance and measurement events that make the documents.",
-        )(on_bus_event)
+        replay.opt_start_seq = document.seq + 1  # the replay starts just after the snapshot
 
     @app.after_startup
     async def serve() -> None:
