@@ -213,3 +213,17 @@ async def test_errors_are_json_4xx_everywhere(stack: Stack) -> None:
         assert big.status_code == 413
         for r in (await http.get("/nope"), big):
             assert r.json()["error"]
+
+
+def test_a_change_re_renders_only_the_scopes_it_touches(stack: Stack) -> None:
+    service, document = stack.service, stack.document
+    solo, other = document.caller("10.0.0.3"), document.caller("10.0.0.6")
+    assert solo is not None and other is not None
+    before = {c: service.render(c, "2020-07-01", False) for c in (solo, other)}
+    assert service.render(solo, "2020-07-01", False) is before[solo]  # cached
+    stack.apply(started("h1", stack.event_id))  # the event's scopes: h1's VMs only
+    after = {c: service.render(c, "2020-07-01", False) for c in (solo, other)}
+    assert after[other] is before[other]  # h2's standalone VM: untouched, still cached
+    assert after[solo] is not before[solo]
+    assert after[solo].incarnation == before[solo].incarnation + 1
+    assert b'"EventStatus":"Started"' in after[solo].body

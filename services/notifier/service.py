@@ -75,7 +75,9 @@ class ScheduledEventsService:
         self.publish = publish
         self.on_changes = on_changes
         self.now = now
-        self._cache: dict[tuple[Scope, str, bool], Rendered] = {}
+        self._cache: dict[Scope, dict[tuple[str, bool], Rendered]] = {}
+        """Rendered documents by scope, then (api-version, extended view): a change drops its
+        scopes' entries only, whatever the number of scopes cached."""
         self._waiters: dict[Scope | None, asyncio.Event] = {}
         self._pending_defers: dict[uuid.UUID, set[uuid.UUID]] = {}
         self.handled = 0
@@ -98,7 +100,7 @@ class ScheduledEventsService:
             if change.event.status != "Scheduled":
                 self._pending_defers.pop(change.event.event_id, None)
             for scope in change.event.scopes:
-                self._cache = {k: v for k, v in self._cache.items() if k[0] != scope}
+                self._cache.pop(scope, None)
                 self._wake(scope)
         if changes and self.on_changes is not None:
             self.on_changes(changes)
@@ -119,9 +121,9 @@ class ScheduledEventsService:
     def render(self, caller: Caller | None, api_version: str, extended: bool) -> Rendered:
         """The caller's document (cached until its scope changes or an ended event ages out)."""
         scope = caller.scope if caller else _UNKNOWN
-        key = (scope, api_version, extended)
+        key = (api_version, extended)
         now = self.now()
-        cached = self._cache.get(key)
+        cached = self._cache.get(scope, {}).get(key)
         if cached is not None and (cached.valid_until is None or now < cached.valid_until):
             return cached
         valid_until = None
@@ -134,7 +136,7 @@ class ScheduledEventsService:
         rendered = Rendered(
             raw, ScheduledEventsDocument.etag(body), body["DocumentIncarnation"], valid_until
         )
-        self._cache[key] = rendered
+        self._cache.setdefault(scope, {})[key] = rendered
         return rendered
 
     async def wait_for_change(
