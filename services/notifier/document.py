@@ -315,6 +315,9 @@ class ScheduledEventsDocument:
     def reset(self) -> None:
         """Forget everything (before a replay of the whole stream)."""
         self.events: dict[uuid.UUID, ScheduledEvent] = {}
+        self.by_scope: dict[Scope, dict[uuid.UUID, ScheduledEvent]] = {}
+        """The same events by scope (an event's scopes never change): a VM's document is read
+        from its scope's events only, however many the fleet has."""
         self.incarnations: dict[Scope, int] = {}
         self.extended_changes: dict[Scope, int] = {}
         self.extended_aged_out: dict[Scope, int] = {}
@@ -419,7 +422,7 @@ class ScheduledEventsDocument:
             scopes=scopes,
             resource_scopes={vm: self.scope_of(vm) for vm in event.vms},
         )
-        self.events[scheduled.event_id] = scheduled
+        self._add(scheduled)
         self.by_run[(event.rollout_id, event.host)] = scheduled.event_id
         return [Change("scheduled", scheduled, event.event_id, event.occurred_at)]
 
@@ -522,6 +525,15 @@ class ScheduledEventsDocument:
                 self.by_run.pop((known.rollout_id, known.host), None)
                 for scope in known.scopes:
                     self.extended_aged_out[scope] = self.extended_aged_out.get(scope, 0) + 1
+                    of_scope = self.by_scope.get(scope, {})
+                    of_scope.pop(known.event_id, None)
+                    if not of_scope:
+                        self.by_scope.pop(scope, None)
+
+    def _add(self, known: ScheduledEvent) -> None:
+        self.events[known.event_id] = known
+        for scope in known.scopes:
+            self.by_scope.setdefault(scope, {})[known.event_id] = known
 
     def _aged_out(self, known: ScheduledEvent, now: datetime) -> bool:
         return known.ended_at is not None and known.ended_at + self.retention <= now
@@ -530,8 +542,8 @@ class ScheduledEventsDocument:
         """When the next ended event of `scope` leaves the extended view, if any."""
         due = [
             e.ended_at + self.retention
-            for e in self.events.values()
-            if scope in e.scopes and e.ended_at is not None and not self._aged_out(e, now)
+            for e in self.by_scope.get(scope, {}).values()
+            if e.ended_at is not None and not self._aged_out(e, now)
         ]
         return min(due, default=None)
 
@@ -548,7 +560,7 @@ class ScheduledEventsDocument:
         return [e for e in self._of_scope(caller.scope) if e.active]
 
     def _of_scope(self, scope: Scope) -> list[ScheduledEvent]:
-        events = [e for e in self.events.values() if scope in e.scopes]
+        events = self.by_scope.get(scope, {}).values()
         return sorted(events, key=lambda e: (e.host, str(e.event_id)))
 
     def incarnation(self, caller: Caller | None) -> int:
@@ -570,7 +582,7 @@ class ScheduledEventsDocument:
         if caller is None:
             return 0
         scope = caller.scope
-        held = sum(1 for e in self.events.values() if scope in e.scopes and self._aged_out(e, now))
+        held = sum(1 for e in self.by_scope.get(scope, {}).values() if self._aged_out(e, now))
         return self.extended_changes.get(scope, 0) + self.extended_aged_out.get(scope, 0) + held
 
     def render_extended(
@@ -637,7 +649,7 @@ class ScheduledEventsDocument:
         self.seq = int(data["seq"])
         for raw in data["events"]:
             known = ScheduledEvent.from_json(raw)
-            self.events[known.event_id] = known
+            self._add(known)
             self.by_run[(known.rollout_id, known.host)] = known.event_id
         self.incarnations = _unscoped(data["incarnations"])
         self.extended_changes = _unscoped(data["extended_changes"])
