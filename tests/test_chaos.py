@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats.errors
 
 from shared.client import EventWatcher, PlannerClient, connect
 from shared.contracts import (
@@ -39,10 +40,25 @@ def start_hosts(stack: LocalStack, hosts: list[str] = HOSTS) -> None:
 
 
 async def stream_events(url: str) -> list[dict[str, Any]]:
-    """Every event stored in the stream, read afresh (a new connection, a new consumer)."""
+    """Every event stored in the stream, read afresh (a new connection, a new consumer) once
+    every replica of the stream is current: a node restarted mid-rollout may still be catching
+    up, and JetStream API requests through it time out meanwhile."""
     nc = await connect(url)
-    watcher = await EventWatcher(nc).start()
-    info = await nc.jetstream().stream_info("PAUSEPATCH")
+    js = nc.jetstream()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while True:
+        try:
+            info = await js.stream_info("PAUSEPATCH")
+            replicas = info.cluster.replicas if info.cluster else None
+            if all(r.current and not r.offline for r in replicas or []):
+                watcher = await EventWatcher(nc).start()
+                break
+        except nats.errors.TimeoutError:
+            pass
+        assert loop.time() < deadline, "the stream's replicas never all became current"
+        await asyncio.sleep(0.2)
+    info = await js.stream_info("PAUSEPATCH")
     await watcher.wait_for(lambda w: len(w.received) >= info.state.messages, 30, "the whole stream")
     await watcher.stop()
     await nc.close()
