@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors
 from faststream import FastStream
 from faststream._internal.middlewares import BaseMiddleware
 from faststream.message import StreamMessage
@@ -22,7 +23,7 @@ from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.specification import AsyncAPI
 from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 from pydantic import ValidationError
@@ -104,10 +105,35 @@ async def declare_streams(
             max_age=7 * 24 * 3600,
         ),
     ):
+        await _declare(js, config, deadline=time.monotonic() + STREAM_DECLARE_TIMEOUT_S)
+
+
+STREAM_DECLARE_TIMEOUT_S = 60.0
+"""How long the owner keeps trying to declare its streams on a JetStream that is not ready."""
+
+
+async def _declare(js: Any, config: StreamConfig, deadline: float) -> None:
+    """Create `config`'s stream, or update it when it exists. A cluster that is still forming
+    refuses a new stream for a while (no meta leader yet, or not enough peers known for its
+    replicas): that is retried until `deadline`, the last refusal raised after it."""
+    while True:
         try:
-            await js.add_stream(config)
-        except BadRequestError:
-            await js.update_stream(config)
+            try:
+                await js.add_stream(config)
+            except BadRequestError:
+                await js.update_stream(config)  # it exists (with another config)
+            return
+        except (
+            NotFoundError,
+            ServiceUnavailableError,
+            BadRequestError,
+            nats.errors.TimeoutError,
+        ) as exc:
+            # NotFound: the add was refused for another reason than an existing stream.
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("stream %s not declared yet (%s): retrying", config.name, exc)
+            await asyncio.sleep(0.5)
 
 
 async def key_value(

@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import httpx
 import nats.errors
+from nats.js.api import StreamConfig
 
+from shared.bus import _declare
 from shared.client import EventWatcher, PlannerClient, connect
 from shared.contracts import (
     ClockSynced,
@@ -23,7 +26,7 @@ from shared.contracts import (
     VMPaused,
     VMResumed,
 )
-from shared.devstack import LocalStack
+from shared.devstack import LocalStack, NatsCluster
 from tests.support.fleet import VM_IP_BASE, ready, sim_vms, start_core, status_reached
 
 HOSTS = ["c0", "c1", "c2"]
@@ -288,3 +291,30 @@ async def test_every_event_delivered_twice_changes_nothing(
             )
         ).json()
     assert doc["Events"] == [] and doc["DocumentIncarnation"] == incarnation_before
+
+
+async def test_the_owner_declares_its_streams_once_the_cluster_can_place_them(
+    workdir: Path,
+) -> None:
+    # A 3-node cluster that lost its quorum: JetStream refuses (or does not answer) a new
+    # stream. The declaration goes on until a quorum is back; it used to give up at the first
+    # refusal and stop the planner.
+    cluster = NatsCluster(workdir, 3).start()
+    try:
+        for node in cluster.nodes[1:]:
+            node.stop(signal.SIGKILL)
+        nc = await connect(cluster.nodes[0].url)
+        js = nc.jetstream(timeout=1)  # each refusal or unanswered request within the wait below
+        config = StreamConfig(name="OWNED", subjects=["owned.>"], num_replicas=3)
+        deadline = time.monotonic() + 60
+        declaring = asyncio.ensure_future(_declare(js, config, deadline))
+        await asyncio.sleep(2)
+        assert not declaring.done()  # refused meanwhile, and still trying
+        for node in cluster.nodes[1:]:
+            node.start(wait=False)
+        await asyncio.wait_for(declaring, 60)
+        info = await js.stream_info("OWNED")
+        assert info.config.num_replicas == 3
+        await nc.close()
+    finally:
+        cluster.stop()
