@@ -140,13 +140,31 @@ async def key_value(
     broker: NatsBroker, bucket: str, replicas: int = 1, ttl: float | None = None
 ) -> Any:
     """A JetStream KV bucket, created when missing (`ttl` expires every key, e.g. leases)."""
-    js = broker.config.connection_state.stream
-    try:
-        return await js.key_value(bucket)
-    except Exception:  # noqa: BLE001 - nats raises BucketNotFoundError or NotFoundError by version
-        return await js.create_key_value(
-            KeyValueConfig(bucket=bucket, replicas=replicas, ttl=ttl, history=1)
-        )
+    config = KeyValueConfig(bucket=bucket, replicas=replicas, ttl=ttl, history=1)
+    deadline = time.monotonic() + STREAM_DECLARE_TIMEOUT_S
+    return await _open_bucket(broker.config.connection_state.stream, config, deadline)
+
+
+async def _open_bucket(js: Any, config: KeyValueConfig, deadline: float) -> Any:
+    """Open `config`'s bucket, or create it when missing; like `_declare`, a JetStream that
+    refuses or does not answer (a cluster still forming, or without quorum) is retried until
+    `deadline`."""
+    while True:
+        try:
+            try:
+                return await js.key_value(config.bucket)
+            except NotFoundError:  # BucketNotFoundError is one
+                return await js.create_key_value(config)
+        except (
+            NotFoundError,
+            ServiceUnavailableError,
+            BadRequestError,  # also: another replica created it meanwhile (then opened next)
+            nats.errors.TimeoutError,
+        ) as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("KV bucket %s not open yet (%s): retrying", config.bucket, exc)
+            await asyncio.sleep(0.5)
 
 
 async def wait_for_stream(broker: NatsBroker, name: str = subjects.STREAM_NAME) -> None:

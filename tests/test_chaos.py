@@ -13,9 +13,9 @@ from typing import Any
 
 import httpx
 import nats.errors
-from nats.js.api import StreamConfig
+from nats.js.api import KeyValueConfig, StreamConfig
 
-from shared.bus import _declare
+from shared.bus import _declare, _open_bucket
 from shared.client import EventWatcher, PlannerClient, connect
 from shared.contracts import (
     ClockSynced,
@@ -293,7 +293,7 @@ async def test_every_event_delivered_twice_changes_nothing(
     assert doc["Events"] == [] and doc["DocumentIncarnation"] == incarnation_before
 
 
-async def test_the_owner_declares_its_streams_once_the_cluster_can_place_them(
+async def test_streams_and_buckets_are_declared_once_the_cluster_can_place_them(
     workdir: Path,
 ) -> None:
     # A 3-node cluster that lost its quorum: JetStream refuses (or does not answer) a new
@@ -306,15 +306,19 @@ async def test_the_owner_declares_its_streams_once_the_cluster_can_place_them(
         nc = await connect(cluster.nodes[0].url)
         js = nc.jetstream(timeout=1)  # each refusal or unanswered request within the wait below
         config = StreamConfig(name="OWNED", subjects=["owned.>"], num_replicas=3)
+        bucket = KeyValueConfig(bucket="owned", replicas=3, history=1)
         deadline = time.monotonic() + 60
         declaring = asyncio.ensure_future(_declare(js, config, deadline))
+        opening = asyncio.ensure_future(_open_bucket(js, bucket, deadline))
         await asyncio.sleep(2)
-        assert not declaring.done()  # refused meanwhile, and still trying
+        assert not declaring.done() and not opening.done()  # refused meanwhile, still trying
         for node in cluster.nodes[1:]:
             node.start(wait=False)
         await asyncio.wait_for(declaring, 60)
-        info = await js.stream_info("OWNED")
-        assert info.config.num_replicas == 3
+        kv = await asyncio.wait_for(opening, 60)
+        assert (await js.stream_info("OWNED")).config.num_replicas == 3
+        assert (await kv.status()).bucket == "owned"
+        assert (await js.stream_info("KV_owned")).config.num_replicas == 3
         await nc.close()
     finally:
         cluster.stop()
