@@ -128,6 +128,7 @@ async def _declare(js: Any, config: StreamConfig, deadline: float) -> None:
             ServiceUnavailableError,
             BadRequestError,
             nats.errors.TimeoutError,
+            nats.errors.NoRespondersError,
         ) as exc:
             # NotFound: the add was refused for another reason than an existing stream.
             if time.monotonic() >= deadline:
@@ -160,6 +161,7 @@ async def _open_bucket(js: Any, config: KeyValueConfig, deadline: float) -> Any:
             ServiceUnavailableError,
             BadRequestError,  # also: another replica created it meanwhile (then opened next)
             nats.errors.TimeoutError,
+            nats.errors.NoRespondersError,
         ) as exc:
             if time.monotonic() >= deadline:
                 raise
