@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 from faststream import FastStream
@@ -34,6 +34,8 @@ from shared.settings import BusSettings
 from shared.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DUPLICATE_WINDOW_S = 120.0
 """JetStream de-duplication window on `Nats-Msg-Id`: a retried publish inside it is stored once."""
@@ -112,29 +114,40 @@ STREAM_DECLARE_TIMEOUT_S = 60.0
 """How long the owner keeps trying to declare its streams on a JetStream that is not ready."""
 
 
-async def _declare(js: Any, config: StreamConfig, deadline: float) -> None:
-    """Create `config`'s stream, or update it when it exists. A cluster that is still forming
-    refuses a new stream for a while (no meta leader yet, or not enough peers known for its
-    replicas): that is retried until `deadline`, the last refusal raised after it."""
+_NOT_READY = (
+    NotFoundError,  # e.g. the add was refused for another reason than an existing stream
+    ServiceUnavailableError,
+    BadRequestError,  # e.g. no peers for the replicas yet; or another replica created it
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+)
+"""What a JetStream that is not ready answers (a cluster still forming, or without quorum)."""
+
+
+async def _until_ready(what: str, attempt: Callable[[], Awaitable[T]], deadline: float) -> T:
+    """`attempt()`, again every 0.5 s while JetStream is not ready; its last refusal is raised
+    once `deadline` (monotonic) has passed."""
     while True:
         try:
-            try:
-                await js.add_stream(config)
-            except BadRequestError:
-                await js.update_stream(config)  # it exists (with another config)
-            return
-        except (
-            NotFoundError,
-            ServiceUnavailableError,
-            BadRequestError,
-            nats.errors.TimeoutError,
-            nats.errors.NoRespondersError,
-        ) as exc:
-            # NotFound: the add was refused for another reason than an existing stream.
+            return await attempt()
+        except _NOT_READY as exc:
             if time.monotonic() >= deadline:
                 raise
-            log.warning("stream %s not declared yet (%s): retrying", config.name, exc)
+            log.warning("%s not ready yet (%s): retrying", what, exc)
             await asyncio.sleep(0.5)
+
+
+async def _declare(js: Any, config: StreamConfig, deadline: float) -> None:
+    """Create `config`'s stream, or update it when it exists, until `deadline` on a JetStream
+    that is not ready."""
+
+    async def attempt() -> None:
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            await js.update_stream(config)  # it exists (with another config)
+
+    await _until_ready(f"stream {config.name}", attempt, deadline)
 
 
 async def key_value(
@@ -147,26 +160,16 @@ async def key_value(
 
 
 async def _open_bucket(js: Any, config: KeyValueConfig, deadline: float) -> Any:
-    """Open `config`'s bucket, or create it when missing; like `_declare`, a JetStream that
-    refuses or does not answer (a cluster still forming, or without quorum) is retried until
-    `deadline`."""
-    while True:
+    """Open `config`'s bucket, or create it when missing, until `deadline` on a JetStream that
+    is not ready."""
+
+    async def attempt() -> Any:
         try:
-            try:
-                return await js.key_value(config.bucket)
-            except NotFoundError:  # BucketNotFoundError is one
-                return await js.create_key_value(config)
-        except (
-            NotFoundError,
-            ServiceUnavailableError,
-            BadRequestError,  # also: another replica created it meanwhile (then opened next)
-            nats.errors.TimeoutError,
-            nats.errors.NoRespondersError,
-        ) as exc:
-            if time.monotonic() >= deadline:
-                raise
-            log.warning("KV bucket %s not open yet (%s): retrying", config.bucket, exc)
-            await asyncio.sleep(0.5)
+            return await js.key_value(config.bucket)
+        except NotFoundError:  # BucketNotFoundError is one
+            return await js.create_key_value(config)
+
+    return await _until_ready(f"KV bucket {config.bucket}", attempt, deadline)
 
 
 async def wait_for_stream(broker: NatsBroker, name: str = subjects.STREAM_NAME) -> None:
