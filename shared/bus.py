@@ -107,11 +107,11 @@ async def declare_streams(
             max_age=7 * 24 * 3600,
         ),
     ):
-        await _declare(js, config, deadline=time.monotonic() + STREAM_DECLARE_TIMEOUT_S)
+        await _declare(js, config, deadline=time.monotonic() + NOT_READY_TIMEOUT_S)
 
 
-STREAM_DECLARE_TIMEOUT_S = 60.0
-"""How long the owner keeps trying to declare its streams on a JetStream that is not ready."""
+NOT_READY_TIMEOUT_S = 60.0
+"""How long streams and KV buckets are retried on a JetStream that is not ready."""
 
 
 _NOT_READY = (
@@ -155,7 +155,7 @@ async def key_value(
 ) -> Any:
     """A JetStream KV bucket, created when missing (`ttl` expires every key, e.g. leases)."""
     config = KeyValueConfig(bucket=bucket, replicas=replicas, ttl=ttl, history=1)
-    deadline = time.monotonic() + STREAM_DECLARE_TIMEOUT_S
+    deadline = time.monotonic() + NOT_READY_TIMEOUT_S
     return await _open_bucket(broker.config.connection_state.stream, config, deadline)
 
 

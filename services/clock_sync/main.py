@@ -104,8 +104,11 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
         )
         pending.add(task)
         task.add_done_callback(pending.discard)
-        for _ in items:
-            task.add_done_callback(lambda _: in_flight.release())
+        task.add_done_callback(lambda _: release(len(items)))
+
+    def release(count: int) -> None:
+        for _ in range(count):
+            in_flight.release()
 
     async def sync_one(event: VMResumed, raw: Msg) -> None:
         """One resumed VM, in the trace of its pause."""
