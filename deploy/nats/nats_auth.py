@@ -43,8 +43,6 @@ PLANNER_DURABLES = {
 }
 """The planner's durable pull consumers and their filters (services/planner/main.py)."""
 CLOCK_SYNC_DURABLES = {"clock-sync-resumed": subjects.vm_resumed()}
-CLOCK_SYNC_BUCKET = "pp_clock_done"
-"""clock-sync's record of the resumes it handled (services/clock_sync/main.py)."""
 INBOX = "_INBOX.>"
 
 
@@ -178,8 +176,8 @@ def notifier() -> User:
 
 
 def clock_sync() -> User:
-    """Consumes `VMResumed`, asks the host's agent to set the clock, reports `ClockSynced`,
-    remembers what it handled in its KV bucket."""
+    """Consumes `VMResumed`, asks the host's agent to set the clock, reports `ClockSynced`; reads
+    a VM's last `ClockSynced` from the stream when an old copy of a resume comes again."""
     return User(
         "clock-sync",
         "clock-sync: asks host-agents to set guest clocks, reports the skew",
@@ -189,7 +187,7 @@ def clock_sync() -> User:
             subjects.dead_letter("clock-sync"),
             f"$JS.API.STREAM.INFO.{STREAM}",
             *_pull_consumers(STREAM, CLOCK_SYNC_DURABLES),
-            *_kv_bucket(CLOCK_SYNC_BUCKET),
+            f"$JS.API.STREAM.MSG.GET.{STREAM}",
         ],
         subscribe=[INBOX],
     )

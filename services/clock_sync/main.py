@@ -4,11 +4,16 @@
 After every resume, has the VM's host-agent set the guest clock from the host clock, checks the
 skew left, retries (JetStream redelivery with a delay, so one slow guest never holds up the
 others) and reports `ClockSynced`.
+
+A resume is handled once: the result of a resume has a fixed id (JetStream stores it once within
+its two-minute de-duplication window), and an older copy of a resume (a redelivery, a replay) is
+looked up in the stream itself: the VM's last `ClockSynced` tells whether its clock was set since.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from datetime import timedelta
 from typing import Any
@@ -18,18 +23,17 @@ from faststream.middlewares import AckPolicy
 from faststream.nats import PullSub
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
-from nats.js.errors import KeyDeletedError, KeyNotFoundError
+from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from services.clock_sync.batcher import HostBatcher
-from services.clock_sync.sync import clock_result, decide
+from services.clock_sync.sync import clock_result, decide, result_id
 from shared import subjects
 from shared.bus import (
     DUPLICATE_WINDOW_S,
     EventPublisher,
     context_of,
     events_stream,
-    key_value,
     make_app,
     make_broker,
     read_batch,
@@ -39,6 +43,7 @@ from shared.contracts import (
     ClockAction,
     ClockReading,
     ClockReadings,
+    ClockSynced,
     VMResumed,
     utcnow,
 )
@@ -47,7 +52,6 @@ from shared.settings import BusSettings
 from shared.telemetry import setup_telemetry
 
 SERVICE = "clock-sync"
-DONE_BUCKET = "pp_clock_done"
 RECENT = timedelta(seconds=DUPLICATE_WINDOW_S / 2)
 
 log = logging.getLogger(__name__)
@@ -62,8 +66,6 @@ class ClockSyncSettings(BusSettings):
     clock_max_skew_ms: float = 50.0
     """A sync whose verified skew is above this is retried."""
     clock_request_timeout_s: float = 5.0
-    clock_dedup_ttl_s: float = 24 * 3600.0
-    """How long a synced resume is remembered (a replayed event within it changes nothing)."""
     clock_in_flight: int = 4096
     """Resumes handled at once by this replica (the next batch is fetched while earlier ones
     wait on their hosts' agents; past this many, fetching waits)."""
@@ -75,7 +77,6 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
     telemetry = setup_telemetry(SERVICE)
     broker = make_broker(SERVICE, settings, telemetry)
     publisher = EventPublisher(broker)
-    state: dict[str, Any] = {}
     pending: set[asyncio.Future[Any]] = set()
     in_flight = asyncio.Semaphore(settings.clock_in_flight)
 
@@ -124,19 +125,16 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
 
     async def sync(event: VMResumed, raw: Msg) -> None:
         attempt = raw.metadata.num_delivered or 1
-        done = state["done"]
-        key = str(event.event_id)
         # A fresh first delivery cannot be a duplicate that JetStream would not catch: its
         # result id is de-duplicated by the stream for two minutes. Only older copies (a
-        # replay, a redelivery) are checked against the done set.
+        # replay, a redelivery) are looked up in the stream.
         fresh = attempt == 1 and utcnow() - event.occurred_at < RECENT
-        if not fresh and await _seen(done, key):
-            log.info("resume %s already synced: ignoring the duplicate", key)
+        if not fresh and await synced_since(event):
+            log.info("resume %s already synced: ignoring the duplicate", event.event_id)
             await raw.ack()
             return
         if not event.ok:
             await publisher.publish(clock_result(event, None, False, 0, "VM was not resumed"))
-            remember(done, key)
             await raw.ack()
             return
         reading, failure = await ask_agent(event)
@@ -154,7 +152,6 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
             await raw.nak(delay=decision.retry_in_s)
             return
         await publisher.publish(decision.event)
-        remember(done, key)
         await raw.ack()
         # One line per VM: info when something is wrong, debug otherwise (fleets are large).
         log.log(
@@ -165,11 +162,22 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
             _ms(decision.event.skew_after_ms),
         )
 
-    def remember(done: Any, key: str) -> None:
-        # Not waited for: the result is stored already, this only guards far-off replays.
-        task = asyncio.ensure_future(done.put(key, b"1"))
-        pending.add(task)
-        task.add_done_callback(pending.discard)
+    async def synced_since(event: VMResumed) -> bool:
+        """The VM's last `ClockSynced` in the stream is this resume's result, or came after it
+        (a later resume's: setting the clock again for this one would change nothing)."""
+        js = broker.config.connection_state.stream
+        try:
+            last = await js.get_last_msg(
+                subjects.STREAM_NAME, subjects.vm_clock(event.host, event.vm)
+            )
+        except NotFoundError:
+            return False
+        try:
+            body = json.loads(last.data or b"")
+            stored = ClockSynced.model_validate(body)
+        except (ValueError, ValidationError):
+            return False  # not a result we can read: better sync again than never
+        return stored.event_id == result_id(event) or stored.occurred_at >= event.occurred_at
 
     async def request(host: str, vms: list[str]) -> list[ClockReading]:
         reply = await broker.request(
@@ -195,9 +203,6 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
     async def startup() -> None:
         await broker.connect()
         await wait_for_stream(broker)
-        state["done"] = await key_value(
-            broker, DONE_BUCKET, settings.stream_replicas, ttl=settings.clock_dedup_ttl_s
-        )
 
     @app.on_shutdown
     async def shutdown() -> None:
@@ -208,14 +213,6 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
         telemetry.shutdown()
 
     return app
-
-
-async def _seen(done: Any, key: str) -> bool:
-    try:
-        entry = await done.get(key)
-    except (KeyNotFoundError, KeyDeletedError):
-        return False
-    return entry.value is not None
 
 
 def _ms(value: float | None) -> str:

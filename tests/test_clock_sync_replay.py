@@ -1,0 +1,107 @@
+"""clock-sync and old copies of a resume (a replay or a redelivery past JetStream's two-minute
+de-duplication window): the first sets the clock and reports it once; a copy of a resume whose
+result is in the stream asks no agent and reports nothing again. Real nats-server, planner (it
+declares the stream), clock-sync and a test-driver host-agent, all processes."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+from nats.aio.msg import Msg
+
+from services.clock_sync.sync import result_id
+from shared import subjects
+from shared.client import EventWatcher, PlannerClient
+from shared.contracts import ClockSynced, VMResumed, utcnow
+from shared.devstack import LocalStack
+from tests.support.fleet import ready, sim_vms, start_core
+
+HOST = "hv-01"
+
+
+async def consumer_idle(client: PlannerClient, timeout: float = 20.0) -> None:
+    """Wait until clock-sync's durable has no message pending or unacknowledged."""
+    js = client.nc.jetstream()
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        info = await js.consumer_info(subjects.STREAM_NAME, "clock-sync-resumed")
+        if info.num_pending == 0 and info.num_ack_pending == 0:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"clock-sync still busy: {info}")
+        await asyncio.sleep(0.05)
+
+
+async def test_an_old_copy_of_a_synced_resume_asks_no_agent_and_reports_nothing_again(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
+) -> None:
+    client, watcher = bus
+    start_core(stack, notifier=False)
+    stack.add_sim_host(HOST, sim_vms([(f"{HOST}-a", None, None)]))
+    await ready(stack, client, watcher, [HOST])
+
+    # Every clock request clock-sync sends to the host's agent, seen from the side.
+    asked: list[bytes] = []
+
+    async def observe(msg: Msg) -> None:
+        asked.append(msg.data)
+
+    await client.nc.subscribe(subjects.host_clock_command(HOST), cb=observe)
+    await client.nc.flush()
+
+    # A resume from ten minutes ago, for a VM that has no clock result yet: an old copy
+    # (outside the de-duplication window) is looked up, nothing is found, the clock is set.
+    then = utcnow() - timedelta(minutes=10)
+    resume = VMResumed(
+        host=HOST,
+        vm=f"{HOST}-a",
+        rollout_id="r-old",
+        occurred_at=then,
+        paused_at=then - timedelta(seconds=1),
+        resumed_at=then,
+        paused_ms=1000.0,
+        budget_ms=30000.0,
+    )
+    js = client.nc.jetstream()
+    await js.publish(resume.subject(), resume.model_dump_json().encode())
+    results = await watcher.wait_for(
+        lambda w: w.events(ClockSynced, vm=resume.vm), 20, "the first clock result"
+    )
+    assert [r.event_id for r in results] == [result_id(resume)]
+    assert results[0].attempts == 1 and results[0].rollout_id == "r-old"
+    await consumer_idle(client)
+    assert len(asked) == 1 and resume.vm.encode() in asked[0]
+
+    # The same resume again (a new message id, so JetStream stores the copy): its result is in
+    # the stream, so no agent is asked and nothing is reported.
+    copies_before = len(watcher.events(VMResumed, vm=resume.vm))
+    await js.publish(
+        resume.subject(),
+        resume.model_dump_json().encode(),
+        headers={"Nats-Msg-Id": str(uuid.uuid4())},
+    )
+    await watcher.wait_for(
+        lambda w: len(w.events(VMResumed, vm=resume.vm)) > copies_before, 10, "the copy"
+    )
+    await consumer_idle(client)
+    await client.nc.flush()
+    assert len(asked) == 1, asked
+    assert len(watcher.events(ClockSynced, vm=resume.vm)) == 1
+
+    # An even older resume of the same VM (another event): its clock was set since, by the
+    # result above, so again nothing is asked and nothing reported.
+    older = resume.model_copy(
+        update={
+            "event_id": uuid.uuid4(),
+            "occurred_at": then - timedelta(minutes=5),
+            "resumed_at": then - timedelta(minutes=5),
+        }
+    )
+    await js.publish(older.subject(), older.model_dump_json().encode())
+    await watcher.wait_for(lambda w: w.events(VMResumed, event_id=older.event_id), 10, "it")
+    await consumer_idle(client)
+    await client.nc.flush()
+    assert len(asked) == 1, asked
+    assert len(watcher.events(ClockSynced, vm=resume.vm)) == 1
