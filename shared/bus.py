@@ -194,8 +194,13 @@ def current_message(broker: NatsBroker) -> NatsMessage:
     return broker.context.get_local("message")  # type: ignore[no-any-return]
 
 
-def make_broker(service: str, settings: BusSettings, telemetry: Telemetry) -> NatsBroker:
-    """The broker of a service: telemetry outermost, then dead-lettering of unreadable input."""
+def make_broker(
+    service: str, settings: BusSettings, telemetry: Telemetry, acks: bool = True
+) -> NatsBroker:
+    """The broker of a service: telemetry outermost, then dead-lettering of unreadable input.
+    `acks=False` for a service whose JetStream consumers acknowledge nothing (the notifier's
+    ordered replay): a dead-lettered message is then not acknowledged either, and the service's
+    NATS user needs no `$JS.ACK` permission."""
     security = None
     if settings.nats_user:
         password = settings.nats_password.get_secret_value() if settings.nats_password else ""
@@ -216,7 +221,7 @@ def make_broker(service: str, settings: BusSettings, telemetry: Telemetry) -> Na
                 tracer_provider=telemetry.tracer_provider,
                 meter_provider=telemetry.meter_provider,
             ),
-            DeadLetter.factory(service, telemetry, settings.max_message_bytes),
+            DeadLetter.factory(service, telemetry, settings.max_message_bytes, acks),
         ],
         description=f"pausepatch {service}",
     )
@@ -261,17 +266,21 @@ class DeadLetter(BaseMiddleware):  # type: ignore[type-arg]
     service: str = ""
     counter: Any = None
     max_bytes: int = 512 * 1024
+    acks: bool = True
 
     @classmethod
-    def factory(cls, service: str, telemetry: Telemetry, max_bytes: int) -> type[DeadLetter]:
-        """A middleware class bound to one service."""
+    def factory(
+        cls, service: str, telemetry: Telemetry, max_bytes: int, acks: bool = True
+    ) -> type[DeadLetter]:
+        """A middleware class bound to one service (`acks`: its JetStream consumers acknowledge
+        what they handle)."""
         counter = telemetry.meter("pausepatch").create_counter(
             "pp.dlq.messages", description="Messages dead-lettered"
         )
         return type(
             f"DeadLetter_{service}",
             (cls,),
-            {"service": service, "counter": counter, "max_bytes": max_bytes},
+            {"service": service, "counter": counter, "max_bytes": max_bytes, "acks": acks},
         )
 
     async def consume_scope(
@@ -291,7 +300,8 @@ class DeadLetter(BaseMiddleware):  # type: ignore[type-arg]
         await self._dead_letter(msg, reason)
         reply = getattr(msg.raw_message, "reply", "") or ""
         if reply.startswith("$JS.ACK."):
-            await msg.ack()  # handled (dead-lettered), also where the handler acks by itself
+            if self.acks:
+                await msg.ack()  # handled (dead-lettered), also where the handler acks by itself
             return None
         if msg.reply_to:
             return ErrorReply(error="invalid-request", detail=reason).to_json()

@@ -200,9 +200,12 @@ async def wait_for_errors(errors: list[str], wanted: Callable[[list[str]], bool]
 
 
 def violated(errors: list[str], subject: str) -> bool:
-    """The server reported a publish permission violation on `subject`."""
+    """The server reported a publish permission violation on `subject` (the client reports the
+    server's error lowercased)."""
     return any(
-        "permissions violation" in e.lower() and "publish" in e.lower() and f'"{subject}"' in e
+        "permissions violation" in e.lower()
+        and "publish" in e.lower()
+        and f'"{subject.lower()}"' in e.lower()
         for e in errors
     )
 
@@ -458,11 +461,16 @@ async def test_a_notifier_cannot_start_maintenance_and_strangers_cannot_log_in(
                 json.dumps({"update_id": "u", "patch": {"duration_s": 1}}).encode(),
                 timeout=0.5,
             )
+        # Nor acknowledge (and so take away) a message of another consumer: its replay is an
+        # ordered consumer, which acknowledges nothing.
+        foreign_ack = f"$JS.ACK.{subjects.STREAM_NAME}.planner-approved.1.1.1.0.0"
+        await notifier.publish(foreign_ack, b"+ACK")
         await wait_for_errors(
             errors,
             lambda e: (
                 violated(e, subjects.host_started("hv-01"))
                 and violated(e, subjects.rollout_command("submit"))
+                and violated(e, foreign_ack)
             ),
         )
     finally:

@@ -112,6 +112,12 @@ def _ephemeral_consumer(stream: str) -> list[str]:
     return [f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>"]
 
 
+def _ordered_consumer(stream: str) -> list[str]:
+    """An ordered consumer: created without a name, acknowledges nothing (AckNone), answers flow
+    control. No `$JS.ACK`: with it, a user could acknowledge other consumers' messages."""
+    return [f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.FC.{stream}.>"]
+
+
 def _kv_bucket(bucket: str) -> list[str]:
     """Create, read, write and list the keys of one KV bucket."""
     stream = f"KV_{bucket}"
@@ -168,7 +174,7 @@ def notifier() -> User:
             subjects.host_deferred(),
             subjects.dead_letter("notifier"),
             f"$JS.API.STREAM.INFO.{STREAM}",
-            *_ephemeral_consumer(STREAM),
+            *_ordered_consumer(STREAM),
             *_kv_bucket(NOTIFIER_BUCKET),
         ],
         subscribe=[INBOX],

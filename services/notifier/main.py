@@ -63,7 +63,8 @@ def build_app(settings: NotifierSettings) -> FastStream:
     """The notifier as a FastStream app serving HTTP on `settings.listen`."""
     setup_logging(SERVICE, settings.log_format, settings.log_level)
     telemetry = setup_telemetry(SERVICE)
-    broker = make_broker(SERVICE, settings, telemetry)
+    # Its one JetStream consumer, the ordered replay, acknowledges nothing (AckNone).
+    broker = make_broker(SERVICE, settings, telemetry, acks=False)
     publisher = EventPublisher(broker)
     policy = DeferPolicy(settings.max_defers, settings.max_defer_s)
     document = ScheduledEventsDocument(policy, settings.extended_retention_s)
