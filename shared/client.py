@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import nats
 from nats.aio.client import Client
@@ -40,10 +40,16 @@ async def connect(url: str, user: str | None = None, password: str | None = None
     async def quiet(exc: Exception) -> None:
         log.debug("nats: %s", exc)
 
+    # The user may come in the URL (`nats://operator:secret@host:4222`, as the CLI takes it).
+    login = user or next(
+        (unquote(p.username) for s in servers if (p := urlparse(s)).username), None
+    )
     return await nats.connect(
         servers=servers,
         user=user,
         password=password,
+        # Replies arrive under the user's own prefix: its NATS permissions allow no other.
+        inbox_prefix=subjects.inbox_prefix(login),
         name="pausepatch-client",
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,

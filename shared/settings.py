@@ -10,6 +10,8 @@ from pathlib import Path
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared import subjects
+
 
 class BusSettings(BaseSettings):
     """NATS connection settings (`PP_NATS_URL`, `PP_NATS_USER`, `PP_NATS_PASSWORD`, ...)."""
@@ -21,9 +23,9 @@ class BusSettings(BaseSettings):
     nats_user: str | None = None
     nats_password: SecretStr | None = None
     stream_replicas: int = 1
+    """Replicas of the PAUSEPATCH stream and KV buckets (3 on a cluster)."""
     stream_max_age_s: float = 7 * 24 * 3600
     """How long events stay in the PAUSEPATCH stream."""
-    """Replicas of the PAUSEPATCH stream and KV buckets (3 on a cluster)."""
     state_dir: Path = Path(".state")
     """Local files a service keeps (host-agent's journal)."""
     log_format: str = "auto"
@@ -31,6 +33,16 @@ class BusSettings(BaseSettings):
     log_level: str = "INFO"
     max_message_bytes: int = 512 * 1024
     """Larger input is dead-lettered as oversized (NATS itself refuses more than 1 MiB)."""
+
+    @property
+    def inbox_prefix(self) -> str:
+        """This service's inbox prefix (`_INBOX.<user>`; its NATS user may read nothing else)."""
+        return subjects.inbox_prefix(self.nats_user)
+
+    @property
+    def pull_inbox(self) -> bytes:
+        """The same, as a pull consumer's delivery prefix (FastStream would use `_INBOX.`)."""
+        return (self.inbox_prefix + ".").encode()
 
     @property
     def nats_servers(self) -> list[str]:

@@ -86,6 +86,15 @@ def host_clock_command(host: str = ANY) -> str:
     return _join("pp.cmd.host", host, "clock")
 
 
+def inbox_prefix(user: str | None) -> str:
+    """Where the replies to a NATS user's requests (and its JetStream deliveries) arrive:
+    `_INBOX.<user>`, so that its NATS permissions can let it read its own replies and no one
+    else's; `_INBOX` without a user (no authorization)."""
+    if not user:
+        return "_INBOX"
+    return "_INBOX." + "".join(c if c.isalnum() or c in "-_" else "_" for c in user)
+
+
 def dead_letter(service: str) -> str:
     """Where a service puts what it could not read."""
     return _join("pp.dlq", service)

@@ -95,6 +95,8 @@ class Secured:
             servers=[self.stack.nats_url],
             user=user,
             password=self.passwords[user],
+            # As every pausepatch client does: replies under the user's own prefix.
+            inbox_prefix=subjects.inbox_prefix(user),
             error_cb=on_error,
             allow_reconnect=False,
             connect_timeout=3,
@@ -422,12 +424,16 @@ async def test_a_host_agent_cannot_publish_maintenance_or_another_hosts_events(
             assert await refused_by_stream(agent, subject, body), subject
         await wait_for_errors(errors, lambda e: all(violated(e, s) for s in forged))
 
-        # Nor may it read the whole bus or another host's commands.
+        # Nor may it read the whole bus, another host's commands, or anyone's replies but its
+        # own (the planner's answers, other agents' clock readings, JetStream's API replies).
         await agent.subscribe(subjects.EVENTS_ROOT)
         await agent.subscribe(subjects.host_clock_command("hv-02"))
+        await agent.subscribe("_INBOX.>")
+        await agent.subscribe(subjects.inbox_prefix("planner") + ".>")
+        await agent.subscribe(subjects.inbox_prefix("host-agent-hv-02") + ".>")
         await wait_for_errors(
             errors,
-            lambda e: sum("permissions violation for subscription" in x.lower() for x in e) >= 2,
+            lambda e: sum("permissions violation for subscription" in x.lower() for x in e) >= 5,
         )
     finally:
         await agent.close()

@@ -18,6 +18,8 @@ import urllib.request
 
 import nats
 
+from shared.subjects import inbox_prefix
+
 STREAM = "PAUSEPATCH"
 DURABLES = {
     "planner": lambda: "planner-completed",
@@ -34,6 +36,8 @@ async def pulling(durable: str, attempts: int = 10, interval_s: float = 0.3) -> 
         servers=servers,
         user=os.environ.get("PP_NATS_USER") or None,
         password=os.environ.get("PP_NATS_PASSWORD") or None,
+        # The user's own inbox prefix: its permissions allow no other.
+        inbox_prefix=inbox_prefix(os.environ.get("PP_NATS_USER") or None),
         name="pausepatch-healthcheck",
         allow_reconnect=False,
         connect_timeout=3,

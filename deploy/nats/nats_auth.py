@@ -12,8 +12,9 @@ as a config token: a password must begin with a letter and hold only letters, di
 What each service does on the wire (checked by tests/test_deploy_nats.py on a real nats-server):
 JetStream pull consumers ask `$JS.API.CONSUMER.{CREATE,INFO,MSG.NEXT}` for their own durable and
 ack on `$JS.ACK.<stream>.<durable>.>`; push and ordered consumers (the planner's inventory, the
-notifier's replay) are ephemeral; replies arrive on `_INBOX.>`; command handlers answer through
-`allow_responses`.
+notifier's replay) are ephemeral; replies and deliveries arrive under the user's own inbox
+prefix (`_INBOX.<user>.>`, `shared.subjects.inbox_prefix`: no user reads another's); command
+handlers answer through `allow_responses`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ PLANNER_DURABLES = {
 }
 """The planner's durable pull consumers and their filters (services/planner/main.py)."""
 CLOCK_SYNC_DURABLES = {"clock-sync-resumed": subjects.vm_resumed()}
-INBOX = "_INBOX.>"
 
 
 def host_agent_durable(host: str) -> str:
@@ -66,6 +66,7 @@ class User:
     comment: str
     publish: list[str] = field(default_factory=list)
     subscribe: list[str] = field(default_factory=list)
+    """Besides its own inbox (`_INBOX.<user>.>`), which every user may read."""
     responds: bool = False
     """Answers requests (`allow_responses`): may publish once to each request's reply subject."""
 
@@ -81,6 +82,7 @@ class User:
             "        ]}",
             "        subscribe: {allow: [",
             *(f"          {_quote(s)}," for s in self.subscribe),
+            f"          {_quote(subjects.inbox_prefix(self.name) + '.>')},",
             "        ]}",
         ]
         if self.responds:
@@ -158,7 +160,7 @@ def planner() -> User:
             *_pull_consumers(STREAM, PLANNER_DURABLES),
             *(s for bucket in PLANNER_BUCKETS for s in _kv_bucket(bucket)),
         ],
-        subscribe=[subjects.rollout_command("*"), INBOX],
+        subscribe=[subjects.rollout_command("*")],
         responds=True,
     )
 
@@ -177,7 +179,7 @@ def notifier() -> User:
             *_ordered_consumer(STREAM),
             *_kv_bucket(NOTIFIER_BUCKET),
         ],
-        subscribe=[INBOX],
+        subscribe=[],
     )
 
 
@@ -195,7 +197,7 @@ def clock_sync() -> User:
             *_pull_consumers(STREAM, CLOCK_SYNC_DURABLES),
             f"$JS.API.STREAM.MSG.GET.{STREAM}",
         ],
-        subscribe=[INBOX],
+        subscribe=[],
     )
 
 
@@ -214,7 +216,7 @@ def host_agent(host: str) -> User:
             f"$JS.API.STREAM.INFO.{STREAM}",
             *_pull_consumers(STREAM, {host_agent_durable(host): subjects.host_started(host)}),
         ],
-        subscribe=[subjects.host_clock_command(host), INBOX],
+        subscribe=[subjects.host_clock_command(host)],
         responds=True,
     )
 
@@ -240,7 +242,7 @@ def operator() -> User:
             "$JS.API.STREAM.NAMES",
             *read,
         ],
-        subscribe=[INBOX],
+        subscribe=[],
     )
 
 

@@ -89,6 +89,7 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
         # Batches: a host's VMs resume together, and are handled (and their clocks set through
         # one request to the host's agent) together; the fetch returns 50 ms after the first.
         pull_sub=PullSub(batch_size=256, timeout=0.05, batch=True),
+        inbox_prefix=settings.pull_inbox,
         ack_policy=AckPolicy.MANUAL,
         title="pp.evt.vm.*.*.resumed:clock-sync",
         description="Set the clock of every resumed VM.",

@@ -51,8 +51,10 @@ def hosts_of(settings: HostAgentSettings) -> list[HostAgentSettings]:
     return [HostAgentSettings.model_validate(h.model_dump()) for h in hosts]
 
 
-def subscribe(broker: NatsBroker, host: str, agents: dict[str, HostAgent], poll_s: float) -> None:
-    """The subscriptions of one host's agent."""
+def subscribe(
+    broker: NatsBroker, host: str, agents: dict[str, HostAgent], poll_s: float, inbox: bytes
+) -> None:
+    """The subscriptions of one host's agent (`inbox`: its pull consumer's delivery prefix)."""
 
     @broker.subscriber(
         subjects.host_started(host),
@@ -60,6 +62,7 @@ def subscribe(broker: NatsBroker, host: str, agents: dict[str, HostAgent], poll_
         durable=f"host-agent-{host}-started",
         # A long poll: an idle host costs the server one request per `poll_s`.
         pull_sub=PullSub(batch_size=1, timeout=poll_s),
+        inbox_prefix=inbox,
         ack_policy=AckPolicy.NACK_ON_ERROR,
         title=f"{subjects.host_started('{host}')}:host-agent",
         description="Run the maintenance window of this host.",
@@ -90,7 +93,7 @@ def build_app(settings: HostAgentSettings) -> FastStream:
     hosts = hosts_of(settings)
     agents: dict[str, HostAgent] = {}
     for host in hosts:
-        subscribe(broker, host.host, agents, host.start_poll_s)
+        subscribe(broker, host.host, agents, host.start_poll_s, host.pull_inbox)
 
     app = make_app(broker, SERVICE, "Runs the pause window of one host.")
 

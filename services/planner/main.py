@@ -121,6 +121,7 @@ def build_app(settings: PlannerSettings) -> FastStream:
             # One message per fetch (a larger batch waits for stragglers up to the timeout),
             # handled by a pool of workers.
             pull_sub=PullSub(batch_size=1, timeout=1.0),
+            inbox_prefix=settings.pull_inbox,
             max_workers=16,
             ack_policy=AckPolicy.NACK_ON_ERROR,
             title=f"{subject}:planner",
@@ -135,6 +136,7 @@ def build_app(settings: PlannerSettings) -> FastStream:
             stream=stream,
             durable=f"planner-{name}",
             pull_sub=PullSub(batch_size=256, timeout=0.05, batch=True),
+            inbox_prefix=settings.pull_inbox,
             ack_policy=AckPolicy.MANUAL,
             title=f"{subject}:planner",
             description=description,
