@@ -232,6 +232,17 @@ def test_auth_conf_is_what_the_generator_writes_for_the_compose_hosts() -> None:
         "deploy/nats/auth.conf is stale: python deploy/nats/nats_auth.py " + " ".join(HOSTS)
     )
     assert HOSTS == ["hv-01", "hv-02", "hv-03"]
+    # Each user may read its own inbox and no other (no `_INBOX.>` anywhere).
+    assert '"_INBOX.>"' not in generated
+    for user in (*SERVICE_USERS, *(f"host-agent-{h}" for h in HOSTS)):
+        assert generated.count(f'"{subjects.inbox_prefix(user)}.>"') == 1, user
+
+
+def test_an_inbox_prefix_is_one_token_per_user_whatever_the_name() -> None:
+    assert subjects.inbox_prefix(None) == "_INBOX"
+    assert subjects.inbox_prefix("host-agent-hv-01") == "_INBOX.host-agent-hv-01"
+    # A dot or a wildcard in a user name cannot widen or split the prefix.
+    assert subjects.inbox_prefix("a.b*>c d") == "_INBOX.a_b__c_d"
 
 
 def test_server_configs_are_valid_and_refuse_to_start_without_every_password(
