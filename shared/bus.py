@@ -172,6 +172,49 @@ async def _open_bucket(js: Any, config: KeyValueConfig, deadline: float) -> Any:
     return await _until_ready(f"KV bucket {config.bucket}", attempt, deadline)
 
 
+async def read_bucket(kv: Any, timeout: float = 30.0) -> dict[str, Any]:
+    """Every key of a KV bucket with its latest entry (deleted keys left out), read through one
+    watcher: values and revisions in one pass, not a `get` per key.
+
+    Not `KeyValue.keys()`: its end-of-initial-values marker is sent as soon as the consumer info
+    shows nothing pending and nothing received yet, which also happens when the server has just
+    pushed every value but they are still on their way; a full bucket then reads as empty (a
+    planner taking over once forgot an active rollout that way). Here the end is the entry with
+    nothing pending after it, and a bucket that holds messages must produce it within `timeout`
+    (TimeoutError otherwise: never an empty answer by mistake)."""
+    status = await kv.status()
+    if not status.values:
+        return {}
+    watcher = await kv.watchall()
+    latest: dict[str, Any] = {}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        while True:
+            remaining = deadline - loop.time()
+            try:
+                if remaining <= 0:
+                    raise nats.errors.TimeoutError
+                entry = await watcher.updates(timeout=remaining)
+            except nats.errors.TimeoutError:
+                raise TimeoutError(
+                    f"KV bucket {status.bucket}: {status.values} value(s), "
+                    f"{len(latest)} read in {timeout:.0f} s"
+                ) from None
+            if entry is None:
+                continue  # the end-of-initial-values marker: possibly early, see above
+            latest[entry.key] = entry
+            if not entry.delta:
+                break
+    finally:
+        await watcher.stop()
+    return {
+        key: entry
+        for key, entry in latest.items()
+        if entry.operation not in ("DEL", "PURGE") and entry.value is not None
+    }
+
+
 async def wait_for_stream(broker: NatsBroker, name: str = subjects.STREAM_NAME) -> None:
     """Wait until the stream exists (its owner, the planner, declares it), logging while waiting."""
     js = broker.config.connection_state.stream

@@ -226,3 +226,35 @@ async def test_a_host_noticed_ahead_then_dropped_from_the_plan_gets_its_event_ca
     assert run.state == "skipped" and cancelled[0].scheduled_event_id == run.scheduled_event_id
     await fleet.tick()
     assert rollout.state == "completed" and started_hosts(fleet.published) == ["h0"]
+
+
+async def test_a_planner_taking_over_loads_every_rollout_and_host_record_the_other_stored(
+    fleet: Fleet, nats_server: NatsServer
+) -> None:
+    for i in range(40):
+        fleet.report(f"h{i:02d}", [vm(f"web-{i}", "web", i % 5)])
+    rollout = await fleet.engine.submit(
+        RolloutSubmit(update_id="u", patch=PatchSpec(duration_s=0), notice_s=0)
+    )
+    await fleet.tick()  # notice
+    await fleet.tick()  # wave 0 starts
+    await fleet.engine.store.flush()
+    mine = {h.host: h.state for h in fleet.engine.host_runs(rollout.rollout_id)}
+    assert len(mine) == 40 and {"started", "noticed", "pending"} <= set(mine.values())
+
+    nc = await connect(nats_server.url)
+    try:
+        kv = await nc.jetstream().key_value("rollouts_test")
+
+        async def publish(event: Event) -> None:
+            pass
+
+        for _ in range(5):  # the same state every time
+            other = RolloutEngine(RolloutStore(kv), publish, TracerProvider().get_tracer("t"))
+            await other.load()
+            assert list(other.rollouts) == [rollout.rollout_id]
+            assert other.rollouts[rollout.rollout_id].active
+            theirs = {h.host: h.state for h in other.host_runs(rollout.rollout_id)}
+            assert theirs == mine
+    finally:
+        await nc.close()

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from nats.js.errors import KeyWrongLastSequenceError
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.bus import read_bucket
 from shared.contracts import RolloutState, RolloutSubmit, VMInfo, utcnow
 
 log = logging.getLogger(__name__)
@@ -266,17 +267,11 @@ class RolloutStore:
         await self._put(self.host_key(run.rollout_id, run.host), run)
 
     async def load_all(self) -> tuple[list[Rollout], list[HostRun]]:
-        """Every rollout and host record in the bucket (at start or takeover)."""
-        try:
-            keys = await self.kv.keys()
-        except Exception:  # noqa: BLE001 - nats raises NoKeysError on an empty bucket
-            return [], []
+        """Every rollout and host record in the bucket (at start or takeover). A bucket that
+        cannot be read fails the start: a planner never takes over with a state it did not see."""
         rollouts: list[Rollout] = []
         hosts: list[HostRun] = []
-        for key in keys:
-            entry = await self.kv.get(key)
-            if entry.value is None:
-                continue
+        for key, entry in (await read_bucket(self.kv)).items():
             self._revisions[key] = entry.revision
             if key.startswith("r."):
                 rollouts.append(Rollout.model_validate_json(entry.value))
