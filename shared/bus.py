@@ -178,13 +178,17 @@ async def read_bucket(kv: Any, timeout: float = 30.0) -> dict[str, Any]:
 
     Not `KeyValue.keys()`: its end-of-initial-values marker is sent as soon as the consumer info
     shows nothing pending and nothing received yet, which also happens when the server has just
-    pushed every value but they are still on their way; a full bucket then reads as empty (a
-    planner taking over once forgot an active rollout that way). Here the end is the entry with
-    nothing pending after it, and a bucket that holds messages must produce it within `timeout`
-    (TimeoutError otherwise: never an empty answer by mistake)."""
+    pushed every value but they are still on their way, and a message's own count of what is
+    pending can drop to zero early under concurrent writes; a full bucket then reads as empty or
+    partial (nats-py issue 842; a planner taking over once forgot an active rollout that way).
+    Here the end is the bucket's last message as of the start, which the watcher delivers last
+    of the initial values (they come in stream order, each key's latest). A bucket that holds
+    messages must produce it within `timeout` (TimeoutError otherwise: never an empty answer by
+    mistake)."""
     status = await kv.status()
     if not status.values:
         return {}
+    last = status.stream_info.state.last_seq
     watcher = await kv.watchall()
     latest: dict[str, Any] = {}
     loop = asyncio.get_running_loop()
@@ -198,13 +202,13 @@ async def read_bucket(kv: Any, timeout: float = 30.0) -> dict[str, Any]:
                 entry = await watcher.updates(timeout=remaining)
             except nats.errors.TimeoutError:
                 raise TimeoutError(
-                    f"KV bucket {status.bucket}: {status.values} value(s), "
-                    f"{len(latest)} read in {timeout:.0f} s"
+                    f"KV bucket {status.bucket}: {len(latest)} key(s) read in {timeout:.0f} s, "
+                    f"never its last message (revision {last})"
                 ) from None
             if entry is None:
                 continue  # the end-of-initial-values marker: possibly early, see above
             latest[entry.key] = entry
-            if not entry.delta:
+            if entry.revision >= last:
                 break
     finally:
         await watcher.stop()

@@ -4,6 +4,8 @@ empty, a bucket larger than the watcher's queue read whole, every time."""
 
 from __future__ import annotations
 
+import asyncio
+
 from nats.js.api import KeyValueConfig
 
 from shared.bus import read_bucket
@@ -34,6 +36,17 @@ async def test_a_bucket_is_read_whole_with_latest_values_and_revisions(
             assert set(read) == set(revisions)
             assert {k: e.revision for k, e in read.items()} == revisions
             assert read["h.k007"].value == b"newer" and read["h.k599"].value == b"v599"
+
+        # Writes going on meanwhile: whatever was there before the read is in it.
+        async def writer() -> None:
+            for i in range(200):
+                await kv.put(f"h.new{i:03d}", b"n")
+
+        for _ in range(3):
+            writing = asyncio.ensure_future(writer())
+            read = await read_bucket(kv)
+            await writing
+            assert set(revisions) <= set(read)
 
         # Only deletions left: nothing to read, and it says so at once.
         only_deleted = await js.create_key_value(KeyValueConfig(bucket="pp_read_gone"))
