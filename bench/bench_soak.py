@@ -135,11 +135,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             stack.start_service("clock-sync", "clock_sync")
             stack.start_service("clock-sync-2", "clock_sync")
             names = sorted(hosts)
-            per = -(-len(names) // args.agents)
-            for i in range(args.agents):
-                chunk = {h: hosts[h] for h in names[i * per : (i + 1) * per]}
-                if chunk:
-                    stack.add_sim_fleet(f"agents-{i}", chunk)
+            for i, chunk in enumerate(split_hosts(names, args.agents)):
+                stack.add_sim_fleet(f"agents-{i}", {h: hosts[h] for h in chunk})
             nc = await connect(stack.nats_url)
             client = PlannerClient(nc, timeout=60)
             await wait_hosts_known(client, len(hosts), 300)
@@ -305,14 +302,9 @@ def direct_rollout(
     loop, hosts split over `workers` processes as over the agent processes. Measured, not
     computed: the libvirt calls, the threads and the processes cost what they cost here."""
     ctx = multiprocessing.get_context("spawn")
-    names = sorted(nodes)
-    per = -(-len(names) // workers)
     owner: dict[str, int] = {}
     pipes, procs = [], []
-    for i in range(workers):
-        chunk = names[i * per : (i + 1) * per]
-        if not chunk:
-            break
+    for chunk in split_hosts(sorted(nodes), workers):
         ours, theirs = ctx.Pipe()
         proc = ctx.Process(
             target=_direct_worker, args=(theirs, {h: nodes[h] for h in chunk}, patch_s)
@@ -331,8 +323,9 @@ def direct_rollout(
         started = time.perf_counter()
         for i, wave in enumerate(waves):
             current_from.append(end)
-            noticed = current_from[i - ahead] if i >= ahead else 0.0
-            delay = max(end, noticed + notice_s) - (time.perf_counter() - started)
+            delay = wave_start(current_from, i, end, notice_s, ahead) - (
+                time.perf_counter() - started
+            )
             if delay > 0:
                 time.sleep(delay)
             mine: dict[int, list[str]] = defaultdict(list)
@@ -359,13 +352,28 @@ def schedule_minimum(waves: int, notice_s: float, patch_s: float, ahead: int) ->
     """The shortest this rollout can take with nothing but notice and patch: a wave starts once
     the wave before it finished and its own notice passed, and its notice starts when the wave
     `ahead` waves before it becomes the current one (at once for the first `ahead` + 1)."""
-    current_from = [0.0] * waves  # when each wave becomes the current one
+    current_from: list[float] = []  # when each wave becomes the current one
     end = 0.0
     for i in range(waves):
-        current_from[i] = end
-        noticed = current_from[i - ahead] if i >= ahead else 0.0
-        end = max(end, noticed + notice_s) + patch_s
+        current_from.append(end)
+        end = wave_start(current_from, i, end, notice_s, ahead) + patch_s
     return end
+
+
+def wave_start(
+    current_from: list[float], i: int, previous_end: float, notice_s: float, ahead: int
+) -> float:
+    """When wave `i` may start: the wave before it finished (`previous_end`) and its own notice
+    passed, given from when the wave `ahead` waves before it became the current one."""
+    noticed = current_from[i - ahead] if i >= ahead else 0.0
+    return max(previous_end, noticed + notice_s)
+
+
+def split_hosts(names: list[str], parts: int) -> list[list[str]]:
+    """`names` in at most `parts` consecutive chunks of equal size (the last one shorter): the
+    hosts of each agent process, and of each worker of the direct loop."""
+    per = -(-len(names) // parts)
+    return [names[i : i + per] for i in range(0, len(names), per)]
 
 
 def window_split(events: list[tuple[str, dict[str, Any]]], rid: str) -> dict[str, float]:
