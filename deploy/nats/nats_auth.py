@@ -179,7 +179,6 @@ def notifier() -> User:
             *_ordered_consumer(STREAM),
             *_kv_bucket(NOTIFIER_BUCKET),
         ],
-        subscribe=[],
     )
 
 
@@ -197,7 +196,6 @@ def clock_sync() -> User:
             *_pull_consumers(STREAM, CLOCK_SYNC_DURABLES),
             f"$JS.API.STREAM.MSG.GET.{STREAM}",
         ],
-        subscribe=[],
     )
 
 
@@ -242,7 +240,6 @@ def operator() -> User:
             "$JS.API.STREAM.NAMES",
             *read,
         ],
-        subscribe=[],
     )
 
 
