@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -129,6 +130,18 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def context_switches(pid: int) -> int:
+    """Context switches (voluntary and not) of every live thread of a process so far: each is a
+    wake-up or a preemption, the currency of a message-passing system on few cores."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+                if "ctxt_switches:" in line:
+                    total += int(line.split()[1])
+    return total
+
+
 def stack_pids(stack: LocalStack) -> dict[str, int]:
     """Every process of the stack: nats-server(s) and the services."""
     pids = {name: p.proc.pid for name, p in stack.services.items() if p.proc is not None}
@@ -225,6 +238,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             pids = stack_pids(stack)
             cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
+            switches_before = {name: context_switches(pid) for name, pid in pids.items()}
             started, submitted_at = time.monotonic(), time.time()
             summary = await client.submit(request)
             waves = len(summary["waves"])
@@ -236,6 +250,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(0.5)
             total_s = time.monotonic() - started
             cpu = {name: round(cpu_s(pid) - cpu_before[name], 2) for name, pid in pids.items()}
+            switches = {
+                name: context_switches(pid) - switches_before[name] for name, pid in pids.items()
+            }
             await asyncio.sleep(3)  # the last clock results
             memory = {name: round(peak_rss_mb(p), 1) for name, p in stack.services.items()}
             await nc.close()
@@ -318,6 +335,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "window_split_ms": split,
         "cpu_s_during_rollout": cpu,
         "cpu_s_total": round(sum(cpu.values()), 1),
+        "context_switches_during_rollout": switches,
+        "context_switches_total": sum(switches.values()),
         "memory_peak_mb": memory,
         "machine_speed": speed,
         "messages_lost": lost,
