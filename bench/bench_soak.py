@@ -81,12 +81,14 @@ def machine_speed() -> dict[str, float]:
         compute.append((time.perf_counter() - started) * 1000)
     loopback = []
     with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(60)  # the echo process failing to start fails the probe, loudly
         echo = multiprocessing.get_context("spawn").Process(
             target=_echo, args=(server.getsockname()[1],), daemon=True
         )
         echo.start()
         conn, _ = server.accept()
         with conn:
+            conn.settimeout(60)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             message = b"x" * 64
             for _ in range(7):
@@ -425,6 +427,7 @@ def direct_rollout(
             proc.join(10)
     return {
         "total_s": round(end, 3),
+        "windows": len(overheads),
         "overhead_median_ms": round(statistics.median(overheads), 3),
         "overhead_p99_ms": round(pct(overheads, 0.99), 3),
     }

@@ -1,0 +1,80 @@
+"""The soak bench's own arithmetic and its baseline: the computed minimums, the host split, the
+direct libvirt loop (on the test driver) and the machine-speed probes."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from shared.devstack import SimVM, sim_node_xml
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_soak.py"
+
+
+@pytest.fixture(scope="module")
+def soak() -> Iterator[ModuleType]:
+    # On the path, as when it runs as a script: the processes it spawns (the direct loop's
+    # workers, the echo end of the loopback probe) import it by name with the parent's path.
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        yield importlib.import_module("bench_soak")
+    finally:
+        sys.path.remove(str(BENCH.parent))
+
+
+def test_one_wave_at_a_time_is_the_issues_minimum(soak: ModuleType) -> None:
+    # waves x (notice + patch), the issue's formula.
+    assert soak.schedule_minimum(10, 1.0, 0.1, 0) == pytest.approx(11.0)
+    assert soak.schedule_minimum(1, 2.0, 0.5, 0) == pytest.approx(2.5)
+
+
+def test_notice_ahead_overlaps_each_notice_with_the_wave_before(soak: ModuleType) -> None:
+    # Ten waves, notice 1 s, patch 0.1 s, notice one wave ahead: the waves start at 1.0, 1.1,
+    # 2.1, 2.2, 3.2, 3.3, 4.3, 4.4, 5.4, 5.5 (a wave's notice starts when the one before it
+    # becomes current), so the last ends at 5.6.
+    assert soak.schedule_minimum(10, 1.0, 0.1, 1) == pytest.approx(5.6)
+    # The further ahead, the sooner; never below every patch back to back after one notice.
+    two = soak.schedule_minimum(10, 1.0, 0.1, 2)
+    assert two < 5.6
+    assert two >= 1.0 + 10 * 0.1 - 1e-9
+
+
+def test_hosts_split_in_order_and_whole(soak: ModuleType) -> None:
+    names = [f"h{i:02d}" for i in range(7)]
+    chunks = soak.split_hosts(names, 3)
+    assert chunks == [names[0:3], names[3:6], names[6:7]]
+    assert [len(c) for c in soak.split_hosts([f"h{i}" for i in range(1000)], 10)] == [100] * 10
+    assert soak.split_hosts(names, 20) == [[n] for n in names]
+
+
+def test_direct_loop_runs_every_window_on_the_schedule(soak: ModuleType, tmp_path: Path) -> None:
+    nodes = {}
+    for h in range(4):
+        path = tmp_path / f"sim-{h}.xml"
+        path.write_text(sim_node_xml([SimVM(f"sim-{h}-v{i}") for i in range(3)]))
+        nodes[f"sim-{h}"] = str(path)
+    waves = [["sim-0", "sim-1"], ["sim-2", "sim-3"]]
+    result = soak.direct_rollout(nodes, waves, 2, 0.2, 0.05, 1)
+    assert result["windows"] == 4
+    # It keeps the schedule: it cannot end before the schedule's own minimum.
+    assert result["total_s"] >= soak.schedule_minimum(2, 0.2, 0.05, 1)
+    assert 0 <= result["overhead_median_ms"] <= result["overhead_p99_ms"]
+
+
+def test_machine_speed_measures_both_kinds_of_work(soak: ModuleType) -> None:
+    speed = soak.machine_speed()
+    assert speed["compute_ms"] > 0
+    assert speed["loopback_ms"] > 0
+
+
+def test_context_switches_count_this_process_sleeping(soak: ModuleType) -> None:
+    before = soak.context_switches(os.getpid())
+    time.sleep(0.001)  # a voluntary switch, the thing counted
+    assert soak.context_switches(os.getpid()) > before
