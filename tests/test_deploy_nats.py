@@ -6,6 +6,7 @@ a notifier cannot start maintenance."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import secrets
@@ -21,6 +22,7 @@ from urllib.parse import quote
 
 import httpx
 import nats
+import nats.js.errors
 import pytest
 from nats.aio.client import Client
 from nats.js.api import DeliverPolicy
@@ -455,6 +457,7 @@ async def test_a_host_agent_cannot_publish_maintenance_or_another_hosts_events(
 async def test_a_notifier_cannot_start_maintenance_and_strangers_cannot_log_in(
     secured: Secured, operator: Client
 ) -> None:
+    bucket = nats_auth().ROLLOUTS_BUCKET
     secured.stack.start_service("planner", "planner", (), **secured.login("planner"))
     await wait_stream(operator)
     errors: list[str] = []
@@ -482,16 +485,35 @@ async def test_a_notifier_cannot_start_maintenance_and_strangers_cannot_log_in(
         # ordered consumer, which acknowledges nothing.
         foreign_ack = f"$JS.ACK.{subjects.STREAM_NAME}.planner-approved.1.1.1.0.0"
         await notifier.publish(foreign_ack, b"+ACK")
+        # Nor purge the planner's rollouts, which only the planner forgets (retention).
+        purge = f"$JS.API.STREAM.PURGE.KV_{bucket}"
+        await notifier.publish(purge, b"{}")
         await wait_for_errors(
             errors,
             lambda e: (
                 violated(e, subjects.host_started("hv-01"))
                 and violated(e, subjects.rollout_command("submit"))
                 and violated(e, foreign_ack)
+                and violated(e, purge)
             ),
         )
     finally:
         await notifier.close()
+    planner_errors: list[str] = []
+    planner = await secured.connect("planner", planner_errors)
+    try:
+        js = planner.jetstream()
+        stream = f"KV_{bucket}"
+        for _ in range(200):  # the planner creates its bucket once it holds its lease
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await js.stream_info(stream)
+                break
+            await asyncio.sleep(0.05)
+        prefix = f"$KV.{bucket}."
+        assert await js.purge_stream(stream, subject=prefix + "h.r-gone.>")
+        assert planner_errors == []
+    finally:
+        await planner.close()
     assert not await _stored(operator, subjects.host_started("hv-01"))
     assert await PlannerClient(operator).rollouts() == []
 

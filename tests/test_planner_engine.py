@@ -9,9 +9,10 @@ from datetime import datetime, timedelta
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from services.planner.engine import RolloutEngine
+from services.planner.engine import RequestError, RolloutEngine
 from services.planner.state import RolloutStore
 from services.planner.waves import WavePlan, check_plan
+from shared.bus import read_bucket
 from shared.client import connect
 from shared.contracts import (
     Event,
@@ -83,7 +84,8 @@ async def fleet(nats_server: NatsServer) -> AsyncIterator[Fleet]:
         published.append(event)
 
     clock = Clock()
-    engine = RolloutEngine(RolloutStore(kv), publish, TracerProvider().get_tracer("t"), now=clock)
+    store = RolloutStore(kv, nc.jetstream(), "rollouts_test")
+    engine = RolloutEngine(store, publish, TracerProvider().get_tracer("t"), now=clock)
     yield Fleet(engine, published, clock)
     await nc.close()
 
@@ -250,7 +252,8 @@ async def test_a_planner_taking_over_loads_every_rollout_and_host_record_the_oth
             pass
 
         for _ in range(5):  # the same state every time
-            other = RolloutEngine(RolloutStore(kv), publish, TracerProvider().get_tracer("t"))
+            store = RolloutStore(kv, nc.jetstream(), "rollouts_test")
+            other = RolloutEngine(store, publish, TracerProvider().get_tracer("t"))
             await other.load()
             assert list(other.rollouts) == [rollout.rollout_id]
             assert other.rollouts[rollout.rollout_id].active
@@ -258,3 +261,71 @@ async def test_a_planner_taking_over_loads_every_rollout_and_host_record_the_oth
             assert theirs == mine
     finally:
         await nc.close()
+
+
+async def run_to_the_end(fleet: Fleet, hosts: list[str]) -> str:
+    """Submit a rollout over `hosts` (reported now) and drive it until it completes."""
+    for host in hosts:
+        fleet.report(host, [vm(f"vm-{host}", None, None)])
+    rollout = await fleet.engine.submit(
+        RolloutSubmit(update_id="u", patch=PatchSpec(duration_s=0), notice_s=0)
+    )
+    while rollout.state == "running":
+        await fleet.tick()
+        await fleet.finish_started_hosts()
+    assert rollout.state == "completed"
+    return rollout.rollout_id
+
+
+async def test_rollouts_finished_longer_ago_than_the_retention_are_forgotten_everywhere(
+    fleet: Fleet, nats_server: NatsServer
+) -> None:
+    day = 24 * 3600.0
+    fleet.engine.retention_s = 1.5 * day
+    old = await run_to_the_end(fleet, ["h0", "h1"])
+    await fleet.tick(day)
+    recent = await run_to_the_end(fleet, ["h0", "h1"])
+    await fleet.tick(day)
+    for host in ("h0", "h1"):
+        fleet.report(host, [vm(f"vm-{host}", None, None)])
+    active = await fleet.engine.submit(  # still giving notice when the old one expires
+        RolloutSubmit(update_id="u", patch=PatchSpec(duration_s=0), notice_s=3600)
+    )
+    await fleet.tick()  # notice given: an hour of it
+    await fleet.tick(61)  # the old one finished two days ago, the recent one one day ago
+
+    engine = fleet.engine
+    assert set(engine.rollouts) == {recent, active.rollout_id}
+    assert {rid for rid, _ in engine.hosts} == {recent, active.rollout_id}
+    with pytest.raises(RequestError):
+        engine.get(old)
+    assert {h.host for h in engine.host_runs(recent)} == {"h0", "h1"}
+
+    nc = await connect(nats_server.url)
+    try:
+        kv = await nc.jetstream().key_value("rollouts_test")
+        stored = await read_bucket(kv)
+        assert not [key for key in stored if old in key]
+        assert {key for key in stored if recent in key} == {
+            f"r.{recent}",
+            f"h.{recent}.h0",
+            f"h.{recent}.h1",
+        }
+        # Purged, not deleted: no marker is left behind for a takeover to read.
+        assert (await kv.status()).values == len(stored)
+        # A standby taking over now loads what is kept, nothing of the forgotten rollout.
+        standby = RolloutEngine(
+            RolloutStore(kv, nc.jetstream(), "rollouts_test"),
+            engine.publish,
+            TracerProvider().get_tracer("t"),
+        )
+        await standby.load()
+        assert set(standby.rollouts) == {recent, active.rollout_id}
+        assert standby.rollouts[active.rollout_id].active
+    finally:
+        await nc.close()
+
+    # The active one is never forgotten, however old; the recent one goes in its turn.
+    await fleet.tick(10 * day)
+    assert set(engine.rollouts) == {active.rollout_id}
+    assert not [key for key in engine.hosts if key[0] == recent]

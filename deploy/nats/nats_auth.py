@@ -29,7 +29,8 @@ from shared.bus import DLQ_STREAM_NAME
 from shared.contracts import is_valid_name
 
 STREAM = subjects.STREAM_NAME
-PLANNER_BUCKETS = ("pp_rollouts", "pp_planner_lease")
+ROLLOUTS_BUCKET = "pp_rollouts"
+PLANNER_BUCKETS = (ROLLOUTS_BUCKET, "pp_planner_lease")
 """The planner's KV buckets (services/planner/main.py)."""
 NOTIFIER_BUCKET = "pp_notifier"
 """The notifier's snapshot bucket (`PP_SNAPSHOT_BUCKET`, services/notifier/settings.py)."""
@@ -159,6 +160,8 @@ def planner() -> User:
             *_ephemeral_consumer(STREAM),
             *_pull_consumers(STREAM, PLANNER_DURABLES),
             *(s for bucket in PLANNER_BUCKETS for s in _kv_bucket(bucket)),
+            # Rollouts past their retention are purged from the bucket's stream by subject.
+            f"$JS.API.STREAM.PURGE.KV_{ROLLOUTS_BUCKET}",
         ],
         subscribe=[subjects.rollout_command("*")],
         responds=True,

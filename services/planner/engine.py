@@ -50,6 +50,8 @@ from shared.telemetry import context_from_carrier, current_carrier
 log = logging.getLogger(__name__)
 
 REBOOT_MIN_NOTICE_S = 15 * 60.0
+PRUNE_EVERY_S = 60.0
+"""How often finished rollouts are checked against the retention."""
 
 
 class RequestError(Exception):
@@ -81,6 +83,7 @@ class RolloutEngine:
         reboot_min_notice_s: float = REBOOT_MIN_NOTICE_S,
         max_defer_s: float = 600.0,
         max_defers: int = 1,
+        retention_s: float = 7 * 24 * 3600.0,
     ) -> None:
         self.store = store
         self.publish = publish
@@ -93,6 +96,8 @@ class RolloutEngine:
         self.reboot_min_notice_s = reboot_min_notice_s
         self.max_defer_s = max_defer_s
         self.max_defers = max_defers
+        self.retention_s = retention_s
+        self._next_prune: datetime | None = None
         self.inventory: dict[str, HostInventory] = {}
         self.rollouts: dict[str, Rollout] = {}
         self.hosts: dict[tuple[str, str], HostRun] = {}
@@ -436,6 +441,36 @@ class RolloutEngine:
             if rollout.state in ("running", "halted"):
                 with log_context(rollout=rollout.rollout_id):
                     await self._advance(rollout)
+        now = self.now()
+        if self._next_prune is None or now >= self._next_prune:
+            self._next_prune = now + timedelta(seconds=PRUNE_EVERY_S)
+            await self.forget_expired()
+
+    async def forget_expired(self) -> list[str]:
+        """Forget the rollouts finished longer than `retention_s` ago, in memory and in the store:
+        the state a standby reads at takeover, and every status computed, stay the size of what
+        is recent, however long the planner runs. Returns their ids."""
+        horizon = self.now() - timedelta(seconds=self.retention_s)
+        expired = [
+            r
+            for r in self.rollouts.values()
+            if not r.active and (r.finished_at or r.created_at) < horizon
+        ]
+        for rollout in expired:
+            rid = rollout.rollout_id
+            await self.store.forget(rid)
+            for key in [k for k in self.hosts if k[0] == rid]:
+                del self.hosts[key]
+            del self.rollouts[rid]
+            self._last_status.pop(rid, None)
+            log.info(
+                "rollout %s forgotten: %s more than %.0f s ago",
+                rid,
+                rollout.state,
+                self.retention_s,
+                extra={"rollout": rid},
+            )
+        return [r.rollout_id for r in expired]
 
     def seconds_until_due(self) -> float:
         """Time until the earliest notice of a running rollout ends (the ticker wakes then)."""

@@ -79,6 +79,8 @@ class PlannerSettings(BusSettings):
     """Longest postponement one defer may obtain."""
     max_defers: int = 1
     """Defers honoured per scheduled event."""
+    rollout_retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    """A finished rollout (its report, per host and per VM) is kept this long, then forgotten."""
 
 
 def build_app(settings: PlannerSettings) -> FastStream:
@@ -331,7 +333,11 @@ def build_app(settings: PlannerSettings) -> FastStream:
         lease = Lease(lease_kv, settings.instance_id, settings.lease_ttl_s)
         state["lease"] = lease
         await lease.acquire()
-        store = RolloutStore(await key_value(broker, ROLLOUTS_BUCKET, settings.stream_replicas))
+        store = RolloutStore(
+            await key_value(broker, ROLLOUTS_BUCKET, settings.stream_replicas),
+            broker.config.connection_state.stream,
+            ROLLOUTS_BUCKET,
+        )
         rollout_engine = RolloutEngine(
             store,
             publisher.publish,
@@ -343,6 +349,7 @@ def build_app(settings: PlannerSettings) -> FastStream:
             reboot_min_notice_s=settings.reboot_min_notice_s,
             max_defer_s=settings.max_defer_s,
             max_defers=settings.max_defers,
+            retention_s=settings.rollout_retention_s,
         )
         await rollout_engine.load()
         state["engine"] = rollout_engine

@@ -150,8 +150,11 @@ class RolloutStore:
     is stored.
     """
 
-    def __init__(self, kv: Any) -> None:
+    def __init__(self, kv: Any, js: Any, bucket: str) -> None:
         self.kv = kv
+        self.js = js
+        """Its JetStream context: a forgotten rollout is purged from the bucket's stream."""
+        self.bucket = bucket
         self._revisions: dict[str, int] = {}
         self._dirty: dict[str, BaseModel] = {}
         self._pending: asyncio.Future[None] | None = None
@@ -265,6 +268,21 @@ class RolloutStore:
     async def save_host(self, run: HostRun) -> None:
         """Write one host's record (CAS)."""
         await self._put(self.host_key(run.rollout_id, run.host), run)
+
+    async def forget(self, rollout_id: str) -> None:
+        """Remove a rollout and every host record of it from the bucket: purged from the bucket's
+        stream by subject, so that no delete marker is left per key (a bucket read at takeover
+        then costs what is kept, not what ever was). The host records go first: a planner that
+        dies in between forgets the rest next time, and none is ever left without its rollout."""
+        await self.flush()
+        stream, prefix = f"KV_{self.bucket}", f"$KV.{self.bucket}."
+        hosts = self.host_key(rollout_id, "")
+        await self.js.purge_stream(stream, subject=f"{prefix}{hosts}>")
+        await self.js.purge_stream(stream, subject=prefix + self.rollout_key(rollout_id))
+        for known in (self._revisions, self._unacked):
+            for key in [k for k in known if k.startswith(hosts)]:
+                del known[key]
+            known.pop(self.rollout_key(rollout_id), None)
 
     async def load_all(self) -> tuple[list[Rollout], list[HostRun]]:
         """Every rollout and host record in the bucket (at start or takeover). A bucket that
