@@ -329,3 +329,32 @@ async def test_rollouts_finished_longer_ago_than_the_retention_are_forgotten_eve
     await fleet.tick(10 * day)
     assert set(engine.rollouts) == {active.rollout_id}
     assert not [key for key in engine.hosts if key[0] == recent]
+
+
+async def test_a_rollout_that_cannot_be_purged_is_kept_and_rollouts_still_move(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    nc = await connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        kv = await js.create_key_value(bucket="rollouts_kept", history=1)
+        published: list[Event] = []
+
+        async def publish(event: Event) -> None:
+            published.append(event)
+
+        clock = Clock()
+        # Its purges go to a stream that does not exist: the server refuses every one.
+        store = RolloutStore(kv, js, "not_this_bucket")
+        engine = RolloutEngine(store, publish, TracerProvider().get_tracer("t"), now=clock)
+        engine.retention_s = 24 * 3600.0
+        fleet = Fleet(engine, published, clock)
+        old = await run_to_the_end(fleet, ["h0"])
+        await fleet.tick(2 * 24 * 3600.0)  # due to be forgotten: the purge fails
+        assert old in engine.rollouts
+        assert "could not forget expired rollouts" in caplog.text
+        assert f"r.{old}" in await read_bucket(kv)
+        # The rollouts go on regardless.
+        assert await run_to_the_end(fleet, ["h0"]) in engine.rollouts
+    finally:
+        await nc.close()

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 REBOOT_MIN_NOTICE_S = 15 * 60.0
 PRUNE_EVERY_S = 60.0
 """How often finished rollouts are checked against the retention."""
+PRUNE_RETRY_S = 3600.0
+"""After a failure to forget them, when it is tried again."""
 
 
 class RequestError(Exception):
@@ -444,7 +446,13 @@ class RolloutEngine:
         now = self.now()
         if self._next_prune is None or now >= self._next_prune:
             self._next_prune = now + timedelta(seconds=PRUNE_EVERY_S)
-            await self.forget_expired()
+            try:
+                await self.forget_expired()
+            except Exception as exc:  # noqa: BLE001 - kept, and tried again later
+                # Not a reason to stop moving rollouts (a NATS user without the purge permission
+                # would otherwise cost a timeout a minute): kept, and tried again in an hour.
+                self._next_prune = now + timedelta(seconds=PRUNE_RETRY_S)
+                log.warning("could not forget expired rollouts (trying again in an hour): %s", exc)
 
     async def forget_expired(self) -> list[str]:
         """Forget the rollouts finished longer than `retention_s` ago, in memory and in the store:
@@ -458,7 +466,7 @@ class RolloutEngine:
         ]
         for rollout in expired:
             rid = rollout.rollout_id
-            await self.store.forget(rid)
+            await self.store.forget(rid)  # kept in memory too until it is gone from the store
             for key in [k for k in self.hosts if k[0] == rid]:
                 del self.hosts[key]
             del self.rollouts[rid]
