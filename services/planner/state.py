@@ -279,7 +279,8 @@ class RolloutStore:
         hosts = self.host_key(rollout_id, "")
         await self.js.purge_stream(stream, subject=f"{prefix}{hosts}>")
         await self.js.purge_stream(stream, subject=prefix + self.rollout_key(rollout_id))
-        for known in (self._revisions, self._unacked):
+        # Nor written again: a record marked meanwhile (a late result) would come back alone.
+        for known in (self._revisions, self._unacked, self._dirty):
             for key in [k for k in known if k.startswith(hosts)]:
                 del known[key]
             known.pop(self.rollout_key(rollout_id), None)
