@@ -22,6 +22,7 @@ from shared.contracts import (
     MaintenancePlanned,
     MaintenanceStarted,
     PatchSpec,
+    RolloutStatus,
     RolloutSubmit,
     VMInfo,
     utcnow,
@@ -358,3 +359,61 @@ async def test_a_rollout_that_cannot_be_purged_is_kept_and_rollouts_still_move(
         assert await run_to_the_end(fleet, ["h0"]) in engine.rollouts
     finally:
         await nc.close()
+
+
+async def test_host_counts_go_out_at_most_every_half_second_and_state_changes_at_once(
+    fleet: Fleet,
+) -> None:
+    for i in range(6):
+        fleet.report(f"h{i}", [vm(f"vm-h{i}", None, None)])
+    rollout = await fleet.engine.submit(
+        RolloutSubmit(
+            update_id="u", patch=PatchSpec(duration_s=0), notice_s=0, max_hosts_in_flight=3
+        )
+    )
+    assert len(rollout.waves) == 2
+
+    def statuses() -> list[RolloutStatus]:
+        return [e for e in fleet.published if isinstance(e, RolloutStatus)]
+
+    async def complete(host: str) -> None:
+        started = next(
+            e for e in fleet.published if isinstance(e, MaintenanceStarted) and e.host == host
+        )
+        await fleet.engine.on_completed(
+            MaintenanceCompleted(
+                host=host,
+                rollout_id=started.rollout_id,
+                scheduled_event_id=started.scheduled_event_id,
+                ok=True,
+                window_ms=1,
+                patch_ms=1,
+                overhead_ms=0,
+            )
+        )
+
+    await fleet.tick()
+    await fleet.tick()
+    first, second = rollout.waves
+    assert started_hosts(fleet.published) == first
+    seen = len(statuses())
+    # Two hosts of the wave complete in the same instant: the first count goes out (the last
+    # status is seconds old), the second is held back...
+    await complete(first[0])
+    await complete(first[1])
+    assert [(s.hosts_ok, s.waves_done) for s in statuses()[seen:]] == [(1, 0)]
+    await fleet.tick(0.3)
+    assert len(statuses()) == seen + 1
+    # ...and goes out once half a second has passed.
+    await fleet.tick(0.3)
+    assert [(s.hosts_ok, s.waves_done) for s in statuses()[seen:]] == [(1, 0), (2, 0)]
+    # The wave's last host: its end (a new wave) goes out at once, with the counts of the moment.
+    await complete(first[2])
+    await fleet.tick(0.01)
+    assert (statuses()[-1].hosts_ok, statuses()[-1].waves_done) == (3, 1)
+    await fleet.tick()
+    for host in second:
+        await complete(host)
+    await fleet.tick(0.01)
+    final = statuses()[-1]
+    assert (final.state, final.hosts_ok, final.waves_done) == ("completed", 6, 2)

@@ -50,6 +50,8 @@ from shared.telemetry import context_from_carrier, current_carrier
 log = logging.getLogger(__name__)
 
 REBOOT_MIN_NOTICE_S = 15 * 60.0
+STATUS_EVERY_S = 0.5
+"""A rollout's host counts are published at most this often (its state changes at once)."""
 PRUNE_EVERY_S = 60.0
 """How often finished rollouts are checked against the retention."""
 PRUNE_RETRY_S = 3600.0
@@ -103,7 +105,11 @@ class RolloutEngine:
         self.inventory: dict[str, HostInventory] = {}
         self.rollouts: dict[str, Rollout] = {}
         self.hosts: dict[tuple[str, str], HostRun] = {}
+        self._runs: dict[str, dict[str, HostRun]] = {}
+        """The same host records, per rollout: a rollout's view never scans the others."""
         self._last_status: dict[str, dict[str, Any]] = {}
+        self._status_at: dict[str, datetime] = {}
+        self._status_due: set[str] = set()
 
     # ------------------------------------------------------------ state
 
@@ -111,14 +117,20 @@ class RolloutEngine:
         """Read every rollout from the store (at start, or when taking over)."""
         rollouts, hosts = await self.store.load_all()
         self.rollouts = {r.rollout_id: r for r in rollouts}
-        self.hosts = {(h.rollout_id, h.host): h for h in hosts}
+        self.hosts, self._runs = {}, {}
+        for run in hosts:
+            self._add_run(run)
         active = [r.rollout_id for r in rollouts if r.active]
         if active:
             log.info("resuming %d active rollout(s): %s", len(active), ", ".join(active))
 
+    def _add_run(self, run: HostRun) -> None:
+        self.hosts[(run.rollout_id, run.host)] = run
+        self._runs.setdefault(run.rollout_id, {})[run.host] = run
+
     def host_runs(self, rollout_id: str) -> list[HostRun]:
         """The host records of a rollout, by wave then name."""
-        runs = [h for (rid, _), h in self.hosts.items() if rid == rollout_id]
+        runs = self._runs.get(rollout_id, {}).values()
         return sorted(runs, key=lambda h: (h.wave, h.host))
 
     def _fleet(self) -> dict[str, list[VMInfo]]:
@@ -198,7 +210,7 @@ class RolloutEngine:
                     vms=[v.vm for v in fleet.get(host, [])],
                     placement=placement_of(fleet.get(host, [])),
                 )
-                self.hosts[(rollout.rollout_id, host)] = run
+                self._add_run(run)
                 await self.store.save_host(run)
         await self.store.save_rollout(rollout)
         await self._status(rollout)
@@ -443,6 +455,7 @@ class RolloutEngine:
             if rollout.state in ("running", "halted"):
                 with log_context(rollout=rollout.rollout_id):
                     await self._advance(rollout)
+        await self._statuses_due()
         now = self.now()
         if self._next_prune is None or now >= self._next_prune:
             self._next_prune = now + timedelta(seconds=PRUNE_EVERY_S)
@@ -467,10 +480,12 @@ class RolloutEngine:
         for rollout in expired:
             rid = rollout.rollout_id
             await self.store.forget(rid)  # kept in memory too until it is gone from the store
-            for key in [k for k in self.hosts if k[0] == rid]:
-                del self.hosts[key]
+            for host in self._runs.pop(rid, {}):
+                del self.hosts[(rid, host)]
             del self.rollouts[rid]
             self._last_status.pop(rid, None)
+            self._status_at.pop(rid, None)
+            self._status_due.discard(rid)
             log.info(
                 "rollout %s forgotten: %s more than %.0f s ago",
                 rid,
@@ -705,22 +720,54 @@ class RolloutEngine:
         rollout.note(f"re-planned {len(remaining)} remaining host(s) into {len(new_waves)} wave(s)")
 
     async def _status(self, rollout: Rollout) -> None:
-        """Publish the rollout's status if it changed since the last one published."""
-        runs = self.host_runs(rollout.rollout_id)
+        """Publish the rollout's status if it changed since the last one published.
+
+        A change of state, wave or reason goes out at once; a change of the host counts alone at
+        most every `STATUS_EVERY_S` (`advance` sends the latest one when it is due): a wave of
+        many hosts completing is not one status event, and one count over the rollout's hosts,
+        per host."""
+        rid = rollout.rollout_id
+        waves_done = min(rollout.current_wave, len(rollout.waves))
+        last = self._last_status.get(rid)
+        now = self.now()
+        if (
+            last is not None
+            and (last["state"], last["waves_total"], last["waves_done"], last["reason"])
+            == (rollout.state, len(rollout.waves), waves_done, rollout.reason)
+            and (now - self._status_at[rid]).total_seconds() < STATUS_EVERY_S
+        ):
+            self._status_due.add(rid)
+            return
+        self._status_due.discard(rid)
+        ok = failed = 0
+        for run in self._runs.get(rid, {}).values():
+            ok += run.state == "done"
+            failed += run.state == "failed"
         status = RolloutStatus(
-            rollout_id=rollout.rollout_id,
+            rollout_id=rid,
             state=rollout.state,
             waves_total=len(rollout.waves),
-            waves_done=min(rollout.current_wave, len(rollout.waves)),
-            hosts_ok=sum(r.state == "done" for r in runs),
-            hosts_failed=sum(r.state == "failed" for r in runs),
+            waves_done=waves_done,
+            hosts_ok=ok,
+            hosts_failed=failed,
             reason=rollout.reason,
         )
         content = status.model_dump(exclude={"event_id", "occurred_at"})
-        if self._last_status.get(rollout.rollout_id) == content:
+        if last == content:
             return
-        self._last_status[rollout.rollout_id] = content
+        self._last_status[rid] = content
+        self._status_at[rid] = now
         await self.publish(status)
+
+    async def _statuses_due(self) -> None:
+        """The statuses held back by `_status` whose time has come."""
+        now = self.now()
+        for rid in list(self._status_due):
+            rollout = self.rollouts.get(rid)
+            if rollout is None:
+                self._status_due.discard(rid)
+            elif (now - self._status_at[rid]).total_seconds() >= STATUS_EVERY_S:
+                await self._status(rollout)
 
     # ------------------------------------------------------------ views
 
