@@ -322,7 +322,8 @@ RolloutState = Literal["planned", "running", "halted", "aborted", "completed", "
 
 
 class RolloutStatus(Event):
-    """Progress of a rollout, published on every change."""
+    """Progress of a rollout: published at once when its state, waves or reason change, and its
+    host counts at most every half second (the latest ones)."""
 
     type: Literal["RolloutStatus"] = "RolloutStatus"
     rollout_id: str = Field(description="The rollout.")
