@@ -58,17 +58,21 @@ class Fleet:
     async def finish_started_hosts(self) -> None:
         for event in self.published:
             if isinstance(event, MaintenanceStarted):
-                await self.engine.on_completed(
-                    MaintenanceCompleted(
-                        host=event.host,
-                        rollout_id=event.rollout_id,
-                        scheduled_event_id=event.scheduled_event_id,
-                        ok=True,
-                        window_ms=1,
-                        patch_ms=1,
-                        overhead_ms=0,
-                    )
-                )
+                await self.complete(event)
+
+    async def complete(self, started: MaintenanceStarted) -> None:
+        """The agent's report of a successful window for a start the engine published."""
+        await self.engine.on_completed(
+            MaintenanceCompleted(
+                host=started.host,
+                rollout_id=started.rollout_id,
+                scheduled_event_id=started.scheduled_event_id,
+                ok=True,
+                window_ms=1,
+                patch_ms=1,
+                overhead_ms=0,
+            )
+        )
 
     async def tick(self, seconds: float = 1.0) -> None:
         self.clock.now += timedelta(seconds=seconds)
@@ -377,19 +381,8 @@ async def test_host_counts_go_out_at_most_every_half_second_and_state_changes_at
         return [e for e in fleet.published if isinstance(e, RolloutStatus)]
 
     async def complete(host: str) -> None:
-        started = next(
-            e for e in fleet.published if isinstance(e, MaintenanceStarted) and e.host == host
-        )
-        await fleet.engine.on_completed(
-            MaintenanceCompleted(
-                host=host,
-                rollout_id=started.rollout_id,
-                scheduled_event_id=started.scheduled_event_id,
-                ok=True,
-                window_ms=1,
-                patch_ms=1,
-                overhead_ms=0,
-            )
+        await fleet.complete(
+            next(e for e in fleet.published if isinstance(e, MaintenanceStarted) and e.host == host)
         )
 
     await fleet.tick()
