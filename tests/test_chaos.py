@@ -27,7 +27,14 @@ from shared.contracts import (
     VMResumed,
 )
 from shared.devstack import LocalStack, NatsCluster
-from tests.support.fleet import VM_IP_BASE, ready, sim_vms, start_core, status_reached
+from tests.support.fleet import (
+    VM_IP_BASE,
+    ready,
+    sim_vms,
+    start_core,
+    status_reached,
+    wait_http,
+)
 
 HOSTS = ["c0", "c1", "c2"]
 
@@ -214,6 +221,7 @@ async def test_every_event_delivered_twice_changes_nothing(
     notifier = start_core(stack)
     start_hosts(stack)
     await ready(stack, client, watcher, HOSTS)
+    await wait_http(notifier)  # its API opens once it has replayed the stream
     rollout = await client.submit(
         {"update_id": "replay", "patch": {"duration_s": 0.1}, "notice_s": 0}
     )

@@ -27,7 +27,7 @@ from shared.contracts import (
     VMResumed,
 )
 from shared.devstack import LocalStack, free_port
-from tests.support.fleet import ready, sim_vms, start_core
+from tests.support.fleet import ready, sim_vms, start_core, wait_http
 
 PATH = "/metadata/scheduledevents"
 V = {"api-version": "2020-07-01"}
@@ -96,22 +96,6 @@ class VMView:
 
     async def close(self) -> None:
         await self.http.aclose()
-
-
-async def wait_http(base_url: str, timeout: float = 60) -> None:
-    """Until the notifier answers (it opens its API once the stream is replayed)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    async with httpx.AsyncClient(base_url=base_url) as http:
-        while True:
-            try:
-                if (await http.get("/healthz")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if loop.time() > deadline:
-                raise TimeoutError(f"notifier at {base_url} never answered")
-            await asyncio.sleep(0.1)
 
 
 def statuses(doc: dict[str, Any]) -> list[str]:

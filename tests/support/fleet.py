@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 from nats.aio.client import Client
 
 from shared import subjects
@@ -79,6 +80,22 @@ async def ready(
     await wait_stream(client.nc)
     await watcher.start()
     await wait_hosts(client, hosts)
+
+
+async def wait_http(base_url: str, timeout: float = 60) -> None:
+    """Until the notifier answers (it opens its API once the stream is replayed)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    async with httpx.AsyncClient(base_url=base_url) as http:
+        while True:
+            try:
+                if (await http.get("/healthz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if loop.time() > deadline:
+                raise TimeoutError(f"notifier at {base_url} never answered")
+            await asyncio.sleep(0.1)
 
 
 def status_reached(rollout_id: str, states: tuple[str, ...] = ("completed",)) -> Any:
