@@ -155,12 +155,17 @@ _AGENT_CHANNEL = """    <channel type='unix'>
 
 
 def _remove_domain(dom: libvirt.virDomain) -> None:
-    """Power off (if running) and undefine (if persistent) one domain."""
-    persistent = dom.isPersistent()  # asked first: a transient domain is gone once destroyed
-    if dom.isActive():
-        dom.destroy()
-    if persistent:
-        dom.undefine()
+    """Power off (if running) and undefine (if persistent) one domain; one that is already gone
+    (removed by someone else since it was listed) is fine."""
+    try:
+        persistent = dom.isPersistent()  # asked first: a transient domain is gone once destroyed
+        if dom.isActive():
+            dom.destroy()
+        if persistent:
+            dom.undefine()
+    except libvirt.libvirtError as error:
+        if error.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise
 
 
 def _lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
