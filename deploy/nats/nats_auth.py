@@ -30,6 +30,8 @@ from shared.contracts import is_valid_name
 
 STREAM = subjects.STREAM_NAME
 ROLLOUTS_BUCKET = "pp_rollouts"
+"""The planner's rollout state (`ROLLOUTS_BUCKET` in services/planner/main.py), which only it may
+purge (rollouts past their retention)."""
 PLANNER_BUCKETS = (ROLLOUTS_BUCKET, "pp_planner_lease")
 """The planner's KV buckets (services/planner/main.py)."""
 NOTIFIER_BUCKET = "pp_notifier"
