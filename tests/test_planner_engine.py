@@ -410,3 +410,81 @@ async def test_host_counts_go_out_at_most_every_half_second_and_state_changes_at
     await fleet.tick(0.01)
     final = statuses()[-1]
     assert (final.state, final.hosts_ok, final.waves_done) == ("completed", 6, 2)
+
+
+async def test_a_host_done_writes_its_own_record_and_the_rollouts_only_at_the_waves_end(
+    fleet: Fleet, nats_server: NatsServer
+) -> None:
+    for i in range(4):
+        fleet.report(f"h{i}", [vm(f"vm-h{i}", None, None)])
+    rollout = await fleet.engine.submit(
+        RolloutSubmit(
+            update_id="u",
+            patch=PatchSpec(duration_s=0),
+            notice_s=0,
+            max_hosts_in_flight=2,
+            failure_budget=1,
+        )
+    )
+    first, second = rollout.waves
+    await fleet.tick()
+    await fleet.tick()
+    assert started_hosts(fleet.published) == first
+    nc = await connect(nats_server.url)
+    try:
+        kv = await nc.jetstream().key_value("rollouts_test")
+
+        async def stored(key: str) -> tuple[int, str]:
+            entry = await kv.get(key)
+            assert entry.revision is not None and entry.value is not None
+            return entry.revision, entry.value.decode()
+
+        rollout_key = f"r.{rollout.rollout_id}"
+        before = await stored(rollout_key)
+        host = first[0]
+        host_before = await stored(f"h.{rollout.rollout_id}.{host}")
+        await fleet.complete(
+            next(e for e in fleet.published if isinstance(e, MaintenanceStarted) and e.host == host)
+        )
+        host_after = await stored(f"h.{rollout.rollout_id}.{host}")
+        assert host_after[0] > host_before[0] and '"state":"done"' in host_after[1]
+        # The rollout's record (its whole plan) is not written again for a host done...
+        assert await stored(rollout_key) == before
+        # ...but a failure is, at once: it counts against the budget a standby must see.
+        other = next(
+            e for e in fleet.published if isinstance(e, MaintenanceStarted) and e.host != host
+        )
+        await fleet.engine.on_completed(
+            MaintenanceCompleted(
+                host=other.host,
+                rollout_id=other.rollout_id,
+                scheduled_event_id=other.scheduled_event_id,
+                ok=False,
+                window_ms=1,
+                patch_ms=1,
+                overhead_ms=0,
+                error="patch failed",
+            )
+        )
+        revision, value = await stored(rollout_key)
+        assert revision > before[0] and '"failures_since_resume":1' in value
+        # The wave's end writes the rollout, with the done host's line in its history (and the
+        # next wave, its notice given ahead, starts in the same step).
+        await fleet.tick()
+        revision, value = await stored(rollout_key)
+        assert '"current_wave":1' in value and f"{host}: done" in value
+        # And a standby reading the bucket now carries on from the second wave.
+        standby = RolloutEngine(
+            RolloutStore(kv, nc.jetstream(), "rollouts_test"),
+            fleet.engine.publish,
+            TracerProvider().get_tracer("t"),
+        )
+        await standby.load()
+        assert standby.rollouts[rollout.rollout_id].current_wave == 1
+        assert {h.host: h.state for h in standby.host_runs(rollout.rollout_id)} == {
+            host: "done",
+            other.host: "failed",
+            **{h: "started" for h in second},
+        }
+    finally:
+        await nc.close()

@@ -103,6 +103,9 @@ class RolloutEngine:
         self.retention_s = retention_s
         self._next_prune: datetime | None = None
         self.inventory: dict[str, HostInventory] = {}
+        self._placements: dict[str, list[tuple[str, int]]] = {}
+        """Each inventory's (set, UD) pairs, worked out once when it arrives: every wave
+        compares the hosts still to do against them."""
         self.rollouts: dict[str, Rollout] = {}
         self.hosts: dict[tuple[str, str], HostRun] = {}
         self._runs: dict[str, dict[str, HostRun]] = {}
@@ -136,6 +139,12 @@ class RolloutEngine:
     def _fleet(self) -> dict[str, list[VMInfo]]:
         horizon = self.now() - timedelta(seconds=self.inventory_stale_s)
         return {h: inv.vms for h, inv in self.inventory.items() if inv.occurred_at >= horizon}
+
+    def _fresh_vms(self, host: str, horizon: datetime) -> list[VMInfo] | None:
+        """The VMs `host` reported since `horizon`, or None (no recent inventory): one host's
+        view of `_fleet()`, without building the whole fleet's."""
+        inv = self.inventory.get(host)
+        return inv.vms if inv is not None and inv.occurred_at >= horizon else None
 
     # ------------------------------------------------------------ commands
 
@@ -208,10 +217,11 @@ class RolloutEngine:
                     wave=wave,
                     event_type=rollout.event_type,
                     vms=[v.vm for v in fleet.get(host, [])],
-                    placement=placement_of(fleet.get(host, [])),
+                    placement=self._placements.get(host, []),
                 )
                 self._add_run(run)
-                await self.store.save_host(run)
+                self.store.mark_host(run)
+        await self.store.flush()  # every host record, written at once, before the rollout's
         await self.store.save_rollout(rollout)
         await self._status(rollout)
         return rollout
@@ -288,6 +298,7 @@ class RolloutEngine:
         known = self.inventory.get(event.host)
         if known is None or known.occurred_at <= event.occurred_at:
             self.inventory[event.host] = event
+            self._placements[event.host] = placement_of(event.vms)
 
     def _run_for(self, rollout_id: str | None, host: str) -> HostRun | None:
         if rollout_id is None:
@@ -417,13 +428,15 @@ class RolloutEngine:
         run.state = "done" if event.ok else "failed"
         await self.store.save_host(run)
         if event.ok:
+            # The host's record says it all; the rollout's (its whole plan) is not written again
+            # per host: this line joins the next write of it (the wave's end at the latest).
             rollout.note(
                 f"{run.host}: done (window {event.window_ms:.1f} ms, "
                 f"overhead {event.overhead_ms:.2f} ms)"
             )
         else:
             await self._count_failure(rollout, run, event.error or "failed")
-        await self.store.save_rollout(rollout)
+            await self.store.save_rollout(rollout)
         await self._status(rollout)
 
     async def _count_failure(self, rollout: Rollout, run: HostRun, why: str) -> None:
@@ -574,18 +587,19 @@ class RolloutEngine:
 
     async def _notice_wave(self, rollout: Rollout, wave: int) -> int:
         """Give notice to the hosts of `wave` that have none yet; how many got it."""
-        fleet = self._fleet()
+        horizon = self.now() - timedelta(seconds=self.inventory_stale_s)
         announcing = []
         for run in self._wave_runs(rollout, wave):
             if run.state != "pending":
                 continue
-            if run.host not in fleet:
+            vms = self._fresh_vms(run.host, horizon)
+            if vms is None:
                 run.state, run.error = "skipped", "host no longer reports an inventory"
                 rollout.skipped_hosts[run.host] = run.error
                 rollout.note(f"{run.host}: skipped: {run.error}")
                 await self.store.save_host(run)
                 continue
-            run.vms = [v.vm for v in fleet[run.host]]
+            run.vms = [v.vm for v in vms]
             run.noticed_at = self.now()
             run.not_before = run.noticed_at + timedelta(seconds=self._notice_s(rollout))
             run.state = "noticed"
@@ -679,14 +693,15 @@ class RolloutEngine:
         """Inventory may have changed since the plan: plan the hosts still to do again, so that a
         VM that moved still never shares a wave with another UD of its set."""
         remaining = [h for wave in rollout.waves[rollout.current_wave :] for h in wave]
-        fleet = self._fleet()
+        horizon = self.now() - timedelta(seconds=self.inventory_stale_s)
         unchanged = all(
-            host in fleet
-            and placement_of(fleet[host]) == self.hosts[(rollout.rollout_id, host)].placement
+            self._fresh_vms(host, horizon) is not None
+            and self._placements[host] == self.hosts[(rollout.rollout_id, host)].placement
             for host in remaining
         )
         if unchanged:
             return  # the plan still holds: keep it as announced
+        fleet = self._fleet()
         plan = plan_waves(
             fleet,
             hosts=remaining,
@@ -709,13 +724,14 @@ class RolloutEngine:
                     await self._cancel(run, f"skipped: {why}")
                 run.state, run.error = "skipped", why
                 rollout.skipped_hosts[host] = why
-                await self.store.save_host(run)
+                self.store.mark_host(run)
         for offset, wave in enumerate(new_waves):
             for host in wave:
                 run = self.hosts[(rollout.rollout_id, host)]
                 run.wave = rollout.current_wave + offset
-                run.placement = placement_of(fleet[host])
-                await self.store.save_host(run)
+                run.placement = self._placements[host]
+                self.store.mark_host(run)
+        await self.store.flush()  # the host records at once, before the rollout's new plan
         rollout.waves = rollout.waves[: rollout.current_wave] + new_waves
         rollout.note(f"re-planned {len(remaining)} remaining host(s) into {len(new_waves)} wave(s)")
 
