@@ -12,9 +12,11 @@ engine's messages are kept in a list: the bus's publishing is the soak's busines
 
 The baseline, measured in the same run against the same server: the KV writes no planner can
 do without, one create per host record at submit and one update per host at its completion
-(a record of the same size), 16 at a time. Figures: submit time, per-completion time (median
-and p99, and the mean over the wave), and each as a ratio against its baseline. Prints a table
-and writes bench/results/planner-scale.json.
+(a record of the same size), 16 at a time, and each wave's records written twice (notice and
+start), all of the wave at once. Figures: submit time, per-completion time (median and p99,
+and the mean over the rollout), time per wave transition, each as a ratio against its baseline;
+KV writes, and the size of the rollout's own record at the end (the plan is not in it). Prints
+a table and writes bench/results/planner-scale.json.
 """
 
 from __future__ import annotations
@@ -197,8 +199,10 @@ async def engine_run(js: Any, bucket: str, fleet: dict[str, list[Any]]) -> dict[
             f"rollout ended {rollout.state} with {len(completion_ms)} of {len(fleet)} hosts"
         )
     await store.flush()
+    record = await kv.get(store.rollout_key(rollout.rollout_id))
     await js.delete_key_value(bucket)
     return {
+        "rollout_record_bytes": len(record.value or b""),
         "waves": len(rollout.waves),
         "submit_ms": submit_ms,
         "completion_ms_median": statistics.median(completion_ms),
@@ -272,6 +276,7 @@ def table(rows: list[dict[str, Any]]) -> Table:
         "baseline",
         "ratio",
         "KV writes",
+        "rollout record",
     ):
         t.add_column(col, justify="right")
     for r in rows:
@@ -291,6 +296,7 @@ def table(rows: list[dict[str, Any]]) -> Table:
             f"{r['baseline_per_wave_ms']:.1f} ms",
             f"{r['advance_vs_baseline']:.2f}",
             f"{e['kv_writes']:,.0f}",
+            f"{e['rollout_record_bytes'] / 1024:.1f} KiB",
         )
     return t
 

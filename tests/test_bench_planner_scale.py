@@ -40,6 +40,8 @@ async def test_every_host_goes_through_the_engine_and_the_baseline_writes_as_muc
     assert 4 * hosts <= engine["kv_writes"] < 4 * hosts + 5 * row["waves"]
     for figure in ("submit_ms", "advance_ms", "completions_total_ms", "completion_ms_p99"):
         assert engine[figure] > 0 and baseline[figure] > 0
+    # The rollout's own record was read back from the bucket.
+    assert engine["rollout_record_bytes"] > 0
     assert row["completion_per_host_ms"] == pytest.approx(engine["completions_total_ms"] / hosts)
     assert row["advance_vs_baseline"] == pytest.approx(
         engine["advance_ms"] / baseline["advance_ms"]

@@ -3,6 +3,7 @@ control): re-planning when the inventory changes mid-rollout."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
@@ -486,5 +487,58 @@ async def test_a_host_done_writes_its_own_record_and_the_rollouts_only_at_the_wa
             other.host: "failed",
             **{h: "started" for h in second},
         }
+    finally:
+        await nc.close()
+
+
+async def test_the_plan_is_not_stored_whole_and_a_standby_puts_it_back_together(
+    fleet: Fleet, nats_server: NatsServer
+) -> None:
+    for i in range(6):
+        fleet.report(f"h{i}", [vm(f"web-{i}", "web", i % 3)])
+    rollout = await fleet.engine.submit(
+        RolloutSubmit(
+            update_id="u", patch=PatchSpec(duration_s=0), notice_s=0, max_hosts_in_flight=2
+        )
+    )
+    assert rollout.waves == [["h0", "h3"], ["h1", "h4"], ["h2", "h5"]]
+    await fleet.tick()
+    await fleet.tick()
+    # Mid-rollout, h4 gets a VM of another UD of its set: a placement violation, so the re-plan
+    # at the end of wave 0 leaves it out.
+    for i in range(6):
+        extra = [vm("web-6", "web", 2)] if i == 4 else []
+        fleet.report(f"h{i}", [vm(f"web-{i}", "web", i % 3), *extra])
+    await fleet.finish_started_hosts()
+    await fleet.tick()
+    assert rollout.waves == [["h0", "h3"], ["h1"], ["h2", "h5"]]
+    assert rollout.current_wave == 1
+    await fleet.engine.store.flush()
+
+    nc = await connect(nats_server.url)
+    try:
+        kv = await nc.jetstream().key_value("rollouts_test")
+        entry = await kv.get(f"r.{rollout.rollout_id}")
+        assert entry.value is not None
+        stored = json.loads(entry.value)
+        assert "waves" not in stored and stored["current_wave"] == 1
+        standby = RolloutEngine(
+            RolloutStore(kv, nc.jetstream(), "rollouts_test"),
+            fleet.engine.publish,
+            TracerProvider().get_tracer("t"),
+        )
+        await standby.load()
+        theirs = standby.rollouts[rollout.rollout_id]
+        assert theirs.waves == rollout.waves
+        assert standby.summary(theirs)["waves"] == rollout.waves
+        h4 = standby.hosts[(rollout.rollout_id, "h4")]
+        assert (h4.state, h4.dropped) == ("skipped", True)
+
+        # A record from before plans were left out of it (its waves inside) loads as it was.
+        old = {**stored, "rollout_id": "r-old", "state": "completed"}
+        old["waves"] = [["a", "b"], ["c"]]
+        await kv.create("r.r-old", json.dumps(old).encode())
+        await standby.load()
+        assert standby.rollouts["r-old"].waves == [["a", "b"], ["c"]]
     finally:
         await nc.close()

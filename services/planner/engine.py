@@ -722,7 +722,7 @@ class RolloutEngine:
                 )
                 if run.state == "noticed":  # given notice ahead of its wave: the event goes
                     await self._cancel(run, f"skipped: {why}")
-                run.state, run.error = "skipped", why
+                run.state, run.error, run.dropped = "skipped", why, True
                 rollout.skipped_hosts[host] = why
                 self.store.mark_host(run)
         for offset, wave in enumerate(new_waves):
@@ -792,6 +792,7 @@ class RolloutEngine:
         runs = self.host_runs(rollout.rollout_id)
         return {
             **rollout.model_dump(mode="json", exclude={"log"}),
+            "waves": rollout.waves,
             "waves_total": len(rollout.waves),
             "hosts_total": len(runs),
             "hosts_ok": sum(r.state == "done" for r in runs),

@@ -1,7 +1,10 @@
 """Rollout state, and its home: a JetStream KV bucket written with compare-and-set.
 
-One key per rollout (`r.<id>`: the request, the plan, counters) and one per host of it
-(`h.<id>.<host>`: what happened on that host), so that no value grows with the fleet.
+One key per rollout (`r.<id>`: the request, where it is, counters) and one per host of it
+(`h.<id>.<host>`: its wave, what happened on that host), so that no value grows with the
+fleet. The plan itself is not stored whole: each host record carries its wave, and a planner
+that loads the bucket puts the waves back together from them (a plan of tens of thousands of
+hosts would not fit in one NATS message, and was written again at every change of the rollout).
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ class HostRun(BaseModel):
     error: str | None = None
     recovered: bool = False
     vm_records: dict[str, VMRecord] = Field(default_factory=dict)
+    dropped: bool = False
+    """Left out of the plan by a re-plan (skipped): no longer in any of the rollout's waves."""
     resumed_vms: list[str] = Field(default_factory=list)
     """VMs the agent's `MaintenanceCompleted` reports started again (each gets a clock result)."""
     placement: list[tuple[str, int]] = Field(default_factory=list)
@@ -105,7 +110,9 @@ class Rollout(BaseModel):
     created_at: datetime = Field(default_factory=utcnow)
     state: RolloutState = "planned"
     reason: str | None = None
-    waves: list[list[str]] = Field(default_factory=list)
+    waves: list[list[str]] = Field(default_factory=list, exclude=True)
+    """The plan (each wave sorted by host name). Not in the stored record: `RolloutStore`
+    rebuilds it from the host records' waves (`rebuild_waves`)."""
     lower_bound: int = 0
     violations: list[dict[str, Any]] = Field(default_factory=list)
     skipped_hosts: dict[str, str] = Field(default_factory=dict)
@@ -125,6 +132,16 @@ class Rollout(BaseModel):
     def active(self) -> bool:
         """Not finished."""
         return self.state in ACTIVE_ROLLOUT_STATES
+
+
+def rebuild_waves(hosts: Sequence[HostRun]) -> list[list[str]]:
+    """A rollout's plan from its host records: by wave, each wave sorted by name, as planned
+    (a host a re-plan left out is in none)."""
+    waves: dict[int, list[str]] = {}
+    for run in hosts:
+        if not run.dropped:
+            waves.setdefault(run.wave, []).append(run.host)
+    return [sorted(waves[w]) for w in sorted(waves)]
 
 
 def placement_of(vms: Sequence[VMInfo]) -> list[tuple[str, int]]:
@@ -293,7 +310,14 @@ class RolloutStore:
         for key, entry in (await read_bucket(self.kv)).items():
             self._revisions[key] = entry.revision
             if key.startswith("r."):
+                # (A record written before plans were left out of it still carries its waves.)
                 rollouts.append(Rollout.model_validate_json(entry.value))
             elif key.startswith("h."):
                 hosts.append(HostRun.model_validate_json(entry.value))
+        by_rollout: dict[str, list[HostRun]] = {}
+        for run in hosts:
+            by_rollout.setdefault(run.rollout_id, []).append(run)
+        for rollout in rollouts:
+            if not rollout.waves:
+                rollout.waves = rebuild_waves(by_rollout.get(rollout.rollout_id, []))
         return rollouts, hosts
