@@ -50,6 +50,7 @@ test-fast: lint
 # Figures as tables and JSON under bench/results/ (each a ratio against a baseline of the same run).
 bench: setup qemu-up
 	$(PY) bench/bench_planning.py
+	$(PY) bench/bench_planner_scale.py
 	$(PY) bench/bench_pause.py --qemu
 	$(PY) bench/bench_notifier.py
 	$(PY) bench/bench_soak.py
