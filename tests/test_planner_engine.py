@@ -61,17 +61,21 @@ class Fleet:
             if isinstance(event, MaintenanceStarted):
                 await self.complete(event)
 
-    async def complete(self, started: MaintenanceStarted) -> None:
-        """The agent's report of a successful window for a start the engine published."""
+    async def complete(
+        self, started: MaintenanceStarted, ok: bool = True, error: str | None = None
+    ) -> None:
+        """The agent's report of a window (successful unless told) for a start the engine
+        published."""
         await self.engine.on_completed(
             MaintenanceCompleted(
                 host=started.host,
                 rollout_id=started.rollout_id,
                 scheduled_event_id=started.scheduled_event_id,
-                ok=True,
+                ok=ok,
                 window_ms=1,
                 patch_ms=1,
                 overhead_ms=0,
+                error=error,
             )
         )
 
@@ -455,18 +459,7 @@ async def test_a_host_done_writes_its_own_record_and_the_rollouts_only_at_the_wa
         other = next(
             e for e in fleet.published if isinstance(e, MaintenanceStarted) and e.host != host
         )
-        await fleet.engine.on_completed(
-            MaintenanceCompleted(
-                host=other.host,
-                rollout_id=other.rollout_id,
-                scheduled_event_id=other.scheduled_event_id,
-                ok=False,
-                window_ms=1,
-                patch_ms=1,
-                overhead_ms=0,
-                error="patch failed",
-            )
-        )
+        await fleet.complete(other, ok=False, error="patch failed")
         revision, value = await stored(rollout_key)
         assert revision > before[0] and '"failures_since_resume":1' in value
         # The wave's end writes the rollout, with the done host's line in its history (and the
