@@ -438,7 +438,10 @@ class RolloutRef(Message):
     summary: bool = Field(default=False, description="get: without per-host details.")
     offset: int = Field(default=0, ge=0, description="get: first host of the page.")
     limit: int = Field(
-        default=100, ge=1, le=500, description="get: hosts per page (a reply stays under 1 MiB)."
+        default=100,
+        ge=1,
+        le=500,
+        description="get: hosts per page, at most (fewer when more would not fit in one message).",
     )
 
 
@@ -446,7 +449,12 @@ class Page(Message):
     """`pp.cmd.rollout.hosts` (and lists): which page of a long answer."""
 
     offset: int = Field(default=0, ge=0, description="First item of the page.")
-    limit: int = Field(default=100, ge=1, le=500, description="Items per page.")
+    limit: int = Field(
+        default=100,
+        ge=1,
+        le=500,
+        description="Items per page, at most (fewer when more would not fit in one message).",
+    )
 
 
 class ClockAction(Message):

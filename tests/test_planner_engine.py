@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from services.planner.engine import RequestError, RolloutEngine
+from services.planner.engine import REPLY_MAX_BYTES, RequestError, RolloutEngine
 from services.planner.state import RolloutStore
 from services.planner.waves import WavePlan, check_plan
 from shared.bus import read_bucket
@@ -26,6 +26,7 @@ from shared.contracts import (
     RolloutStatus,
     RolloutSubmit,
     VMInfo,
+    VMResumed,
     utcnow,
 )
 from shared.devstack import NatsServer
@@ -535,3 +536,43 @@ async def test_the_plan_is_not_stored_whole_and_a_standby_puts_it_back_together(
         assert standby.rollouts["r-old"].waves == [["a", "b"], ["c"]]
     finally:
         await nc.close()
+
+
+async def test_a_report_page_of_many_large_hosts_still_fits_in_one_message(fleet: Fleet) -> None:
+    hosts = [f"h{i:03d}" for i in range(160)]
+    for host in hosts:
+        fleet.report(host, [vm(f"{host}-vm{j:02d}", None, None) for j in range(20)])
+    rollout = await fleet.engine.submit(
+        RolloutSubmit(update_id="u", patch=PatchSpec(duration_s=0), notice_s=0)
+    )
+    done = 0
+    while rollout.state == "running":
+        await fleet.tick()
+        starts = [e for e in fleet.published if isinstance(e, MaintenanceStarted)]
+        for started in starts[done:]:
+            for name in started.vms:  # what the agent reports of each VM, as in a real window
+                await fleet.engine.on_resumed(
+                    VMResumed(
+                        host=started.host,
+                        vm=name,
+                        rollout_id=started.rollout_id,
+                        paused_at=fleet.clock.now,
+                        resumed_at=fleet.clock.now + timedelta(milliseconds=100),
+                        paused_ms=100.0,
+                        budget_ms=30000.0,
+                    )
+                )
+            await fleet.complete(started)
+        done = len(starts)
+    assert rollout.state == "completed"
+    # 500 hosts asked for, each with 20 VMs' records: several MiB. The page stops short of
+    # NATS's 1 MiB (at REPLY_MAX_BYTES) and the next one starts where it stopped.
+    pages: list[list[str]] = []
+    offset: int | None = 0
+    while offset is not None:
+        page = fleet.engine.report(rollout, offset, limit=500)
+        assert len(json.dumps(page)) <= REPLY_MAX_BYTES
+        assert page["hosts"] and all(len(h["vm_records"]) == 20 for h in page["hosts"])
+        pages.append([h["host"] for h in page["hosts"]])
+        offset = page["next_offset"]
+    assert len(pages) > 1 and [h for p in pages for h in p] == hosts

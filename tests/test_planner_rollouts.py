@@ -20,11 +20,19 @@ from shared.contracts import (
     MaintenanceCompleted,
     MaintenancePlanned,
     MaintenanceStarted,
+    VMInfo,
     VMPaused,
     VMResumed,
 )
 from shared.devstack import LocalStack
-from tests.support.fleet import ready, sim_vms, start_core, status_reached
+from tests.support.fleet import (
+    ready,
+    sim_vms,
+    start_core,
+    status_reached,
+    wait_hosts,
+    wait_stream,
+)
 
 HOSTS = [f"h{i}" for i in range(6)]
 
@@ -333,3 +341,41 @@ async def test_a_host_that_does_not_answer_counts_as_a_failure(
     assert "did not report" in (halted[0].reason or "")
     report = await client.get(rid)
     assert report["hosts"][0]["state"] == "failed"
+
+
+async def test_a_page_of_the_fleet_inventory_fits_in_one_message(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
+) -> None:
+    client, _ = bus
+    start_core(stack, notifier=False, clock_sync=False)
+    await wait_stream(client.nc)
+    js = client.nc.jetstream()
+    hosts = [f"hv-{i:03d}" for i in range(400)]
+    for i, host in enumerate(hosts):  # 400 hosts of 20 VMs each report, as their agents would
+        inventory = HostInventory(
+            host=host,
+            vms=[
+                VMInfo(
+                    vm=f"{host}-vm{j:02d}",
+                    uuid=f"{i:08x}-0000-4000-8000-{j:012x}",
+                    availability_set=f"set-{j % 4}",
+                    update_domain=i % 5,
+                    fault_domain=i % 3,
+                    ip=f"10.{i // 250}.{i % 250}.{j + 1}",
+                    state="running",
+                )
+                for j in range(20)
+            ],
+        )
+        await js.publish(
+            inventory.subject(),
+            inventory.model_dump_json().encode(),
+            headers={"Nats-Msg-Id": str(inventory.event_id)},
+        )
+    await wait_hosts(client, hosts, timeout=60)
+    # 500 inventories asked for: 1.4 MB, more than NATS carries. The page stops short of it.
+    page = await client.call("hosts", {"limit": 500})
+    assert len(json.dumps(page)) < 1024 * 1024
+    assert 0 < len(page["hosts"]) < len(hosts) and page["total"] == len(hosts)
+    assert page["next_offset"] == len(page["hosts"])
+    assert [h["host"] for h in await client.hosts()] == hosts

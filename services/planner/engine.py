@@ -6,9 +6,10 @@ time comes from `now()`.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -810,18 +811,41 @@ class RolloutEngine:
 
     def report(self, rollout: Rollout, offset: int = 0, limit: int = 100) -> dict[str, Any]:
         """A rollout per host and per VM, one page of hosts at a time (`next_offset` is None on
-        the last page): a fleet's report does not fit in one NATS message."""
+        the last page): a fleet's report does not fit in one NATS message. A page holds up to
+        `limit` hosts, fewer when more would not fit in `REPLY_MAX_BYTES`."""
         runs = self.host_runs(rollout.rollout_id)
-        page = runs[offset : offset + limit]
-        return {
-            **self.summary(rollout),
-            "hosts": [
+        summary = self.summary(rollout)
+        page = fill_page(
+            (
                 r.model_dump(mode="json", exclude={"trace_carrier"}) | {"trace_id": _trace_id(r)}
-                for r in page
-            ],
+                for r in runs[offset : offset + limit]
+            ),
+            REPLY_MAX_BYTES - len(json.dumps(summary)),
+        )
+        end = offset + len(page)
+        return {
+            **summary,
+            "hosts": page,
             "offset": offset,
-            "next_offset": offset + limit if offset + limit < len(runs) else None,
+            "next_offset": end if end < len(runs) else None,
         }
+
+
+REPLY_MAX_BYTES = 512 * 1024
+"""What a page of a command's answer holds at most (NATS refuses messages over 1 MiB)."""
+
+
+def fill_page(items: Iterable[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    """The first of `items` whose JSON fits in `budget` bytes together (at least one, so that
+    paging always moves on): a page of 500 hosts of 20 VMs each is several MiB."""
+    page: list[dict[str, Any]] = []
+    for item in items:
+        size = len(json.dumps(item)) + 1
+        if page and size > budget:
+            break
+        budget -= size
+        page.append(item)
+    return page
 
 
 def _trace_id(run: HostRun) -> str | None:

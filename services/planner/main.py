@@ -18,7 +18,7 @@ from faststream.middlewares import AckPolicy
 from faststream.nats import DeliverPolicy, PullSub
 from pydantic import Field
 
-from services.planner.engine import RequestError, RolloutEngine
+from services.planner.engine import REPLY_MAX_BYTES, RequestError, RolloutEngine, fill_page
 from services.planner.lease import Lease
 from services.planner.state import LeadershipLost, RolloutStore
 from shared import subjects
@@ -237,9 +237,13 @@ def build_app(settings: PlannerSettings) -> FastStream:
     async def hosts(page: Page) -> dict[str, Any]:
         """The fleet inventory as the planner knows it, a page at a time."""
         known = sorted(engine().inventory.items(), key=lambda kv: kv[0])
-        end = page.offset + page.limit
+        listed = fill_page(
+            (inv.to_json() for _, inv in known[page.offset : page.offset + page.limit]),
+            REPLY_MAX_BYTES,
+        )
+        end = page.offset + len(listed)
         return {
-            "hosts": [inv.to_json() for _, inv in known[page.offset : end]],
+            "hosts": listed,
             "total": len(known),
             "next_offset": end if end < len(known) else None,
         }
