@@ -69,8 +69,8 @@ async def watch(client: PlannerClient, rollout_id: str, poll_s: float = 0.2) -> 
             summary = await client.call("get", {"rollout_id": rollout_id, "summary": True})
             done = summary["hosts_ok"] + summary["hosts_failed"]
             detail = (
-                f"wave {min(summary['current_wave'] + 1, len(summary['waves']))}/"
-                f"{len(summary['waves'])}  in flight {summary['hosts_in_flight']}  "
+                f"wave {min(summary['current_wave'] + 1, summary['waves_total'])}/"
+                f"{summary['waves_total']}  in flight {summary['hosts_in_flight']}  "
                 f"VMs paused now {summary['vms_paused_now']}  failed {summary['hosts_failed']}  "
                 f"[{summary['state']}]"
             )
@@ -85,7 +85,7 @@ def print_report(report: dict[str, Any]) -> None:
     console.print(
         f"[bold]rollout {report['rollout_id']}[/]  update {report['request']['update_id']}  "
         f"{report['event_type']}  state [bold]{report['state']}[/]  "
-        f"waves {len(report['waves'])} (lower bound {report['lower_bound']})"
+        f"waves {report['waves_total']} (lower bound {report['lower_bound']})"
         + (f"  reason: {report['reason']}" if report.get("reason") else "")
     )
     hosts = Table(title="Hosts", title_justify="left")
@@ -184,7 +184,7 @@ def print_rollouts(rollouts: list[dict[str, Any]]) -> None:
 
 
 def _wave(summary: dict[str, Any]) -> str:
-    total = len(summary["waves"])
+    total = summary["waves_total"]
     return f"{min(summary['current_wave'] + 1, total)}/{total}"
 
 
@@ -269,7 +269,7 @@ async def run_rollout(client: PlannerClient, args: argparse.Namespace) -> int:
             return 0
         summary = await client.submit(body)
         console.print(
-            f"rollout [bold]{summary['rollout_id']}[/] submitted: {len(summary['waves'])} wave(s)"
+            f"rollout [bold]{summary['rollout_id']}[/] submitted: {summary['waves_total']} wave(s)"
         )
         if args.wait:
             final = await watch(client, summary["rollout_id"])

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from services.planner.engine import REPLY_MAX_BYTES, RequestError, RolloutEngine
+from services.planner.engine import REPLY_MAX_BYTES, RequestError, RolloutEngine, fit_reply
 from services.planner.state import RolloutStore
 from services.planner.waves import WavePlan, check_plan
 from shared.bus import read_bucket
@@ -576,3 +576,18 @@ async def test_a_report_page_of_many_large_hosts_still_fits_in_one_message(fleet
         pages.append([h["host"] for h in page["hosts"]])
         offset = page["next_offset"]
     assert len(pages) > 1 and [h for p in pages for h in p] == hosts
+
+
+def test_an_answer_is_kept_whole_slimmed_or_refused_by_what_fits() -> None:
+    waves = [[f"host-{i:03d}" for i in range(w * 50, w * 50 + 50)] for w in range(2)]
+    answer = {"rollout_id": "r1", "waves": waves, "violations": [], "state": "running"}
+    size = len(json.dumps(answer))
+    assert fit_reply(answer, size) == answer
+    # One byte short: the same answer without what grows with the fleet, and why.
+    slim = fit_reply(answer, size - 1)
+    assert slim["waves_total"] == 2 and slim["left_out"] == ["waves", "violations"]
+    assert (slim["rollout_id"], slim["state"]) == ("r1", "running")
+    assert f"{size:,} bytes" in slim["left_out_why"] and len(json.dumps(slim)) < size
+    # Nothing bulky to leave out: a clear error, not an answer that never arrives.
+    refused = fit_reply({"log": ["x" * 200]}, 100)
+    assert refused["error"] == "too-large" and "more than one NATS message" in refused["detail"]

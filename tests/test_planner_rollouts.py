@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from shared.client import CommandError, EventWatcher, PlannerClient
+from shared.client import CommandError, EventWatcher, PlannerClient, connect
 from shared.contracts import (
     HostInventory,
     MaintenanceApproved,
@@ -379,3 +380,49 @@ async def test_a_page_of_the_fleet_inventory_fits_in_one_message(
     assert 0 < len(page["hosts"]) < len(hosts) and page["total"] == len(hosts)
     assert page["next_offset"] == len(page["hosts"])
     assert [h["host"] for h in await client.hosts()] == hosts
+
+
+async def test_an_answer_larger_than_one_message_leaves_the_plan_out_and_says_so(
+    workdir: Path,
+) -> None:
+    # A server that carries 64 KiB per message, and 1,800 hosts with long names: the plan alone
+    # is larger (77 KB; a rollout of ~60,000 hosts is, against the 1 MiB of
+    # deploy/nats/nats.conf). Such an answer used to be dropped: the caller timed out.
+    stack = LocalStack(workdir)
+    stack.start_nats(config="max_payload: 65536\n")
+    nc = None
+    try:
+        start_core(stack, notifier=False, clock_sync=False)
+        nc = await connect(stack.nats_url)
+        client = PlannerClient(nc)
+        await wait_stream(nc)
+        js = nc.jetstream()
+        hosts = [f"hypervisor-{i:05d}-rack-{i // 40:03d}-west-example" for i in range(1800)]
+        for i, host in enumerate(hosts):
+            vm = VMInfo(vm=f"vm-{i:05d}", uuid=f"{i:032x}", state="running")
+            inventory = HostInventory(host=host, vms=[vm])
+            await js.publish(
+                inventory.subject(),
+                inventory.model_dump_json().encode(),
+                headers={"Nats-Msg-Id": str(inventory.event_id)},
+            )
+        await wait_hosts(client, hosts, timeout=60)
+
+        request = {"update_id": "u", "patch": {"duration_s": 0}, "max_hosts_in_flight": 100}
+        plan = await client.plan(request)
+        assert "waves" not in plan and plan["waves_total"] == 18
+        assert plan["left_out"] == ["waves", "violations", "unknown_hosts"]
+        assert "report" in plan["left_out_why"] and plan["lower_bound"] == 18
+        # Submitted all the same, and said so: the answer has the counts, not the plan...
+        summary = await client.submit({**request, "notice_s": 3600})
+        assert summary["state"] == "running" and summary["waves_total"] == 18
+        assert "waves" not in summary and summary["hosts_total"] == len(hosts)
+        # ...and each host's wave is in the report, a page at a time.
+        report = await client.get(summary["rollout_id"])
+        waves = {h["host"]: h["wave"] for h in report["hosts"]}
+        assert sorted(waves) == sorted(hosts)
+        assert sorted(Counter(waves.values()).values()) == [100] * 18
+    finally:
+        if nc is not None:
+            await nc.close()
+        stack.stop()

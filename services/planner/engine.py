@@ -72,6 +72,38 @@ def _event_id(scheduled_event_id: uuid.UUID, what: str) -> uuid.UUID:
     return uuid.uuid5(scheduled_event_id, what)
 
 
+REPLY_MAX_BYTES = 512 * 1024
+"""What a page of a command's answer holds at most (NATS refuses messages over 1 MiB)."""
+
+BULKY_KEYS = ("waves", "violations", "skipped_hosts", "unknown_hosts")
+"""What grows with the fleet in an answer: left out when the answer would not fit in one
+message (each host's wave is in the report's pages)."""
+
+
+def fit_reply(result: dict[str, Any], limit: int) -> dict[str, Any]:
+    """`result` if its JSON fits in `limit` bytes; else the same without what grows with the
+    fleet (`BULKY_KEYS`, counted in `waves_total`, named in `left_out`); else a `too-large`
+    error. A rollout of ~60,000 hosts has a plan larger than one NATS message: without this its
+    answer was dropped and the caller waited for nothing."""
+    size = len(json.dumps(result))
+    if size <= limit:
+        return result
+    slim = {k: v for k, v in result.items() if k not in BULKY_KEYS}
+    if "waves" in result:
+        slim["waves_total"] = len(result["waves"])
+    slim["left_out"] = [k for k in BULKY_KEYS if k in result]
+    slim["left_out_why"] = (
+        f"the whole answer is {size:,} bytes, more than one NATS message carries "
+        f"({limit:,}): each host's wave is in the rollout's report, a page at a time"
+    )
+    if len(json.dumps(slim)) <= limit:
+        return slim
+    return RequestError(
+        "too-large",
+        f"the answer is {size:,} bytes, more than one NATS message carries ({limit:,})",
+    ).reply.to_json()
+
+
 class RolloutEngine:
     """All rollouts of the fleet (run by the active planner only)."""
 
@@ -809,18 +841,25 @@ class RolloutEngine:
             "log": rollout.log[-20:],
         }
 
-    def report(self, rollout: Rollout, offset: int = 0, limit: int = 100) -> dict[str, Any]:
+    def report(
+        self,
+        rollout: Rollout,
+        offset: int = 0,
+        limit: int = 100,
+        max_bytes: int = REPLY_MAX_BYTES,
+    ) -> dict[str, Any]:
         """A rollout per host and per VM, one page of hosts at a time (`next_offset` is None on
         the last page): a fleet's report does not fit in one NATS message. A page holds up to
-        `limit` hosts, fewer when more would not fit in `REPLY_MAX_BYTES`."""
+        `limit` hosts, fewer when more would not fit in `max_bytes`."""
         runs = self.host_runs(rollout.rollout_id)
-        summary = self.summary(rollout)
+        # Its plan, if very large, is not repeated on every page (each host has its wave).
+        summary = fit_reply(self.summary(rollout), max_bytes // 2)
         page = fill_page(
             (
                 r.model_dump(mode="json", exclude={"trace_carrier"}) | {"trace_id": _trace_id(r)}
                 for r in runs[offset : offset + limit]
             ),
-            REPLY_MAX_BYTES - len(json.dumps(summary)),
+            max_bytes - len(json.dumps(summary)) - 1024,  # and the page's own keys
         )
         end = offset + len(page)
         return {
@@ -829,10 +868,6 @@ class RolloutEngine:
             "offset": offset,
             "next_offset": end if end < len(runs) else None,
         }
-
-
-REPLY_MAX_BYTES = 512 * 1024
-"""What a page of a command's answer holds at most (NATS refuses messages over 1 MiB)."""
 
 
 def fill_page(items: Iterable[dict[str, Any]], budget: int) -> list[dict[str, Any]]:

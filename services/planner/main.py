@@ -18,7 +18,13 @@ from faststream.middlewares import AckPolicy
 from faststream.nats import DeliverPolicy, PullSub
 from pydantic import Field
 
-from services.planner.engine import REPLY_MAX_BYTES, RequestError, RolloutEngine, fill_page
+from services.planner.engine import (
+    REPLY_MAX_BYTES,
+    RequestError,
+    RolloutEngine,
+    fill_page,
+    fit_reply,
+)
 from services.planner.lease import Lease
 from services.planner.state import LeadershipLost, RolloutStore
 from shared import subjects
@@ -54,6 +60,8 @@ from shared.telemetry import setup_telemetry
 SERVICE = "planner"
 ROLLOUTS_BUCKET = "pp_rollouts"
 LEASE_BUCKET = "pp_planner_lease"
+REPLY_HEADROOM_BYTES = 8 * 1024
+"""Room left in an answer for its headers (trace context and the like)."""
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +112,11 @@ def build_app(settings: PlannerSettings) -> FastStream:
             await handler(engine())
         wake.set()
 
+    def reply_limit() -> int:
+        """What one answer may hold: the server's maximum message, less room for headers."""
+        max_payload = broker.config.connection_state.connection.max_payload
+        return max(REPLY_HEADROOM_BYTES, max_payload - REPLY_HEADROOM_BYTES)
+
     async def command(
         action: Callable[[RolloutEngine], Awaitable[dict[str, Any]]],
     ) -> dict[str, Any]:
@@ -113,7 +126,7 @@ def build_app(settings: PlannerSettings) -> FastStream:
         except RequestError as exc:
             return exc.reply.to_json()
         wake.set()
-        return result
+        return fit_reply(result, reply_limit())
 
     def durable(name: str, subject: str, description: str) -> Any:
         return broker.subscriber(
@@ -185,7 +198,10 @@ def build_app(settings: PlannerSettings) -> FastStream:
 
         async def act(e: RolloutEngine) -> dict[str, Any]:
             rollout = e.get(ref.rollout_id)
-            return e.summary(rollout) if ref.summary else e.report(rollout, ref.offset, ref.limit)
+            if ref.summary:
+                return e.summary(rollout)
+            budget = min(REPLY_MAX_BYTES, reply_limit())
+            return e.report(rollout, ref.offset, ref.limit, max_bytes=budget)
 
         return await command(act)
 
@@ -239,7 +255,7 @@ def build_app(settings: PlannerSettings) -> FastStream:
         known = sorted(engine().inventory.items(), key=lambda kv: kv[0])
         listed = fill_page(
             (inv.to_json() for _, inv in known[page.offset : page.offset + page.limit]),
-            REPLY_MAX_BYTES,
+            min(REPLY_MAX_BYTES, reply_limit()),
         )
         end = page.offset + len(listed)
         return {
