@@ -29,7 +29,14 @@ from opentelemetry import propagate
 from pydantic import ValidationError
 
 from shared import subjects
-from shared.contracts import ErrorReply, Event, InvalidMessage, parse_event, utcnow
+from shared.contracts import (
+    ErrorReply,
+    Event,
+    InvalidMessage,
+    ensure_on_subject,
+    parse_event,
+    utcnow,
+)
 from shared.settings import BusSettings
 from shared.telemetry import Telemetry
 
@@ -388,6 +395,13 @@ async def dead_letter(
         log.exception("could not publish to the dead-letter subject")
 
 
+def raw_only(msg: Any) -> None:
+    """The decoder of a batch subscriber whose handler reads its messages itself (`read_batch`):
+    FastStream would otherwise parse every body as JSON first, for nothing (at fleet scale, one
+    sixth of such a consumer's time)."""
+    return None
+
+
 async def read_batch(
     broker: NatsBroker, service: str, accepted: tuple[type[Event], ...], max_bytes: int
 ) -> list[tuple[Event, Msg]]:
@@ -398,7 +412,20 @@ async def read_batch(
         batch.raw_message if isinstance(batch.raw_message, list) else [batch.raw_message]
     )
     events: list[tuple[Event, Msg]] = []
+    only = accepted[0] if len(accepted) == 1 else None
     for raw in raws:
+        if only is not None and len(raw.data) <= max_bytes:
+            # The usual case, straight from the bytes (pydantic's own JSON reader); anything
+            # that does not read so takes the long way below, for the exact reason.
+            try:
+                read = only.model_validate_json(raw.data)
+                ensure_on_subject(read, raw.subject)
+            except (ValidationError, InvalidMessage):
+                pass
+            else:
+                if "type" in read.model_fields_set:  # said so itself, not the model's default
+                    events.append((read, raw))
+                    continue
         try:
             if len(raw.data) > max_bytes:
                 raise InvalidMessage(f"oversized: {len(raw.data)} bytes, more than {max_bytes}")

@@ -19,6 +19,8 @@ WRONG_TYPE = json.dumps(
     {"type": "VMPaused", "host": "h1", "vm": "a", "paused_at": "yesterday"}
 ).encode()
 UNKNOWN_TYPE = json.dumps({"type": "VMExploded", "host": "h1", "vm": "a"}).encode()
+# A VMPaused in all but its own word for it: no "type" (the model's default must not stand in).
+TYPELESS = json.dumps({"host": "h1", "vm": "a", "paused_at": "2026-01-01T00:00:00Z"}).encode()
 # Valid JSON, larger than any message of the contract may be (PP_MAX_MESSAGE_BYTES, 512 KiB).
 OVERSIZED = json.dumps({"type": "HostInventory", "host": "h1", "pad": "x" * 600_000}).encode()
 
@@ -71,6 +73,7 @@ async def test_malformed_messages_are_dead_lettered_and_services_keep_working(
     for subject, _ in SUBSCRIBED:
         for body in (GARBAGE, WRONG_TYPE, UNKNOWN_TYPE, OVERSIZED):
             await js.publish(subject, body)
+    await js.publish("pp.evt.vm.h1.a.paused", TYPELESS)
 
     # Commands answer a structured error at once, and are dead-lettered too.
     for subject in COMMANDS:
@@ -86,10 +89,14 @@ async def test_malformed_messages_are_dead_lettered_and_services_keep_working(
 
     oversized_by = {"planner", "notifier", "clock-sync", "host-agent"}
 
+    def typeless() -> list[dict[str, Any]]:
+        return [d for d in dead if base64.b64decode(d["original_b64"]) == TYPELESS]
+
     async def all_dead_lettered() -> None:
         while not (
             expected <= {(d["service"], d["subject"]) for d in dead}
             and oversized_by <= {d["service"] for d in dead if "oversized" in d["reason"]}
+            and typeless()
         ):
             await asyncio.sleep(0.1)
 
@@ -98,6 +105,9 @@ async def test_malformed_messages_are_dead_lettered_and_services_keep_working(
     except TimeoutError:
         missing = expected - {(d["service"], d["subject"]) for d in dead}
         raise AssertionError(f"never dead-lettered: {sorted(missing)}") from None
+    assert [(d["service"], d["reason"]) for d in typeless()] == [
+        ("planner", "unknown event type None")
+    ]
     garbage = [d for d in dead if base64.b64decode(d["original_b64"]) == GARBAGE]
     assert garbage and all(d["reason"] for d in dead)
     reasons = " ".join(d["reason"] for d in dead)

@@ -11,8 +11,9 @@ as a config token: a password must begin with a letter and hold only letters, di
 
 What each service does on the wire (checked by tests/test_deploy_nats.py on a real nats-server):
 JetStream pull consumers ask `$JS.API.CONSUMER.{CREATE,INFO,MSG.NEXT}` for their own durable and
-ack on `$JS.ACK.<stream>.<durable>.>`; push and ordered consumers (the planner's inventory, the
-notifier's replay) are ephemeral; replies and deliveries arrive under the user's own inbox
+ack on `$JS.ACK.<stream>.<durable>.>` (the planner also deletes its inventory consumer at start,
+to read the fleet's last inventories afresh); ordered consumers (the notifier's replay) are
+ephemeral; replies and deliveries arrive under the user's own inbox
 prefix (`_INBOX.<user>.>`, `shared.subjects.inbox_prefix`: no user reads another's); command
 handlers answer through `allow_responses`.
 """
@@ -44,6 +45,7 @@ PLANNER_DURABLES = {
     "planner-resumed": subjects.vm_resumed(),
     "planner-completed": subjects.host_completed(),
     "planner-clock": subjects.vm_clock(),
+    "planner-inventory": subjects.host_inventory(),
 }
 """The planner's durable pull consumers and their filters (services/planner/main.py)."""
 CLOCK_SYNC_DURABLES = {"clock-sync-resumed": subjects.vm_resumed()}
@@ -159,9 +161,10 @@ def planner() -> User:
             subjects.dead_letter("planner"),
             *streams,
             "$JS.API.STREAM.NAMES",
-            *_ephemeral_consumer(STREAM),
             *_pull_consumers(STREAM, PLANNER_DURABLES),
             *(s for bucket in PLANNER_BUCKETS for s in _kv_bucket(bucket)),
+            # The inventory consumer is made anew by each planner that becomes active.
+            f"$JS.API.CONSUMER.DELETE.{STREAM}.planner-inventory",
             # Rollouts past their retention are purged from the bucket's stream by subject.
             f"$JS.API.STREAM.PURGE.KV_{ROLLOUTS_BUCKET}",
         ],

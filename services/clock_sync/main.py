@@ -36,6 +36,7 @@ from shared.bus import (
     events_stream,
     make_app,
     make_broker,
+    raw_only,
     read_batch,
     wait_for_stream,
 )
@@ -89,6 +90,7 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
         # Batches: a host's VMs resume together, and are handled (and their clocks set through
         # one request to the host's agent) together; the fetch returns 50 ms after the first.
         pull_sub=PullSub(batch_size=256, timeout=0.05, batch=True),
+        decoder=raw_only,
         inbox_prefix=settings.pull_inbox,
         ack_policy=AckPolicy.MANUAL,
         title="pp.evt.vm.*.*.resumed:clock-sync",
