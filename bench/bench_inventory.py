@@ -200,6 +200,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "vms_per_host": args.vms,
         "rounds": args.rounds,
         "inventories": count,
+        "bare_reader_read": bare_result["count"],
         "inventory_bytes": size,
         "published_per_s": round(count / published_s),
         "planner_lag_after_last_publish_s": round(planner_lag_s, 2),
