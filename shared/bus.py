@@ -33,8 +33,7 @@ from shared.contracts import (
     ErrorReply,
     Event,
     InvalidMessage,
-    ensure_on_subject,
-    parse_event,
+    parse_event_bytes,
     utcnow,
 )
 from shared.settings import BusSettings
@@ -412,24 +411,11 @@ async def read_batch(
         batch.raw_message if isinstance(batch.raw_message, list) else [batch.raw_message]
     )
     events: list[tuple[Event, Msg]] = []
-    only = accepted[0] if len(accepted) == 1 else None
     for raw in raws:
-        if only is not None and len(raw.data) <= max_bytes:
-            # The usual case, straight from the bytes (pydantic's own JSON reader); anything
-            # that does not read so takes the long way below, for the exact reason.
-            try:
-                read = only.model_validate_json(raw.data)
-                ensure_on_subject(read, raw.subject)
-            except (ValidationError, InvalidMessage):
-                pass
-            else:
-                if "type" in read.model_fields_set:  # said so itself, not the model's default
-                    events.append((read, raw))
-                    continue
         try:
             if len(raw.data) > max_bytes:
                 raise InvalidMessage(f"oversized: {len(raw.data)} bytes, more than {max_bytes}")
-            event = parse_event(json.loads(raw.data), accepted, raw.subject)
+            event = parse_event_bytes(raw.data, accepted, raw.subject)
             if event is None:
                 raise InvalidMessage(f"a {json.loads(raw.data)['type']} on {raw.subject}")
         except ValidationError as exc:

@@ -7,6 +7,7 @@ reject missing or malformed ones. Every event carries the envelope (`type`, `eve
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationError,
     model_validator,
 )
 
@@ -381,6 +383,39 @@ def parse_event(
     event = cls.model_validate(body)
     ensure_on_subject(event, subject)
     return event
+
+
+_LEADING_TYPE = re.compile(rb'\s*\{\s*"type"\s*:\s*"([A-Za-z]{1,64})"')
+"""An event's type where our publishers put it: first (the models declare it first)."""
+
+
+def parse_event_bytes(
+    data: bytes, accepted: tuple[type[Event], ...], subject: str | None = None
+) -> Event | None:
+    """`parse_event` on a message's bytes: the same results, the same errors.
+
+    An event that names its type first (every event our services publish) is read straight from
+    its bytes into its model, without building a dict of it first: at fleet scale, heartbeats
+    alone are a thousand 4 KB inventories a second. Anything else, or anything that does not
+    read so, takes `parse_event`'s way, for its exact reason.
+    """
+    found = _LEADING_TYPE.match(data)
+    cls = EVENT_TYPES.get(found.group(1).decode()) if found else None
+    if cls is not None:
+        if cls not in accepted:
+            return None
+        try:
+            event = cls.model_validate_json(data)
+        except ValidationError:
+            pass  # read again below, for parse_event's own reason
+        else:
+            ensure_on_subject(event, subject)
+            return event
+    try:
+        body = json.loads(data)
+    except ValueError as exc:
+        raise InvalidMessage(f"not JSON: {exc}") from exc
+    return parse_event(body, accepted, subject)
 
 
 def ensure_on_subject(event: Event, subject: str | None) -> None:

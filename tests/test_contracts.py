@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Callable
+from functools import partial
 
 import pytest
 from pydantic import ValidationError
@@ -11,6 +14,7 @@ from shared import subjects
 from shared.contracts import (
     EVENT_TYPES,
     ClockAction,
+    Event,
     InvalidMessage,
     MaintenanceStarted,
     PatchSpec,
@@ -18,6 +22,7 @@ from shared.contracts import (
     VMPaused,
     VMResumed,
     parse_event,
+    parse_event_bytes,
     utcnow,
 )
 
@@ -98,3 +103,41 @@ def test_a_clock_action_names_one_vm_or_several() -> None:
     for bad in bad_actions:
         with pytest.raises(ValidationError):
             ClockAction.model_validate(bad)
+
+
+def _outcome(read: Callable[[], Event | None]) -> tuple[str, str]:
+    """What a reader made of a message: the event read, or the error with its message."""
+    try:
+        event = read()
+    except (ValidationError, InvalidMessage) as exc:
+        return type(exc).__name__, str(exc).splitlines()[0]
+    return "event", event.model_dump_json() if event is not None else "None"
+
+
+def test_reading_from_the_bytes_gives_what_reading_the_json_gives() -> None:
+    paused = VMPaused(host="h1", vm="a", paused_at=utcnow())
+    body = paused.to_json()
+    on = subjects.vm_paused("h1", "a")
+    untyped = {k: v for k, v in body.items() if k != "type"}
+    resumed_type = {**body, "type": "VMResumed"}
+    messages = {
+        "as published": paused.model_dump_json().encode(),
+        "spaced": json.dumps(body).encode(),
+        "type last": json.dumps(untyped | {"type": "VMPaused"}).encode(),
+        "no type": json.dumps(untyped).encode(),
+        "another type said twice": b'{"type": "VMPaused", ' + json.dumps(resumed_type)[1:].encode(),
+        "unknown type": json.dumps({**body, "type": "VMExploded"}).encode(),
+        "malformed": json.dumps({**body, "paused_at": "yesterday"}).encode(),
+        "not wanted here": VMResumed(
+            host="h1", vm="a", paused_at=utcnow(), resumed_at=utcnow(), paused_ms=1, budget_ms=1
+        ).model_dump_json().encode(),
+        "a list": b"[1, 2]",
+    }  # fmt: skip
+    for name, data in messages.items():
+        for subject in (on, subjects.vm_paused("h2", "a")):
+            fast = _outcome(partial(parse_event_bytes, data, (VMPaused,), subject))
+            slow = _outcome(partial(parse_event, json.loads(data), (VMPaused,), subject))
+            assert fast == slow, (name, subject)
+    assert _outcome(lambda: parse_event_bytes(b"\x00\xffnot json", (VMPaused,)))[0] == (
+        "InvalidMessage"
+    )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -40,9 +39,10 @@ from shared.bus import (
     key_value,
     make_app,
     make_broker,
+    raw_only,
     wait_for_stream,
 )
-from shared.contracts import InvalidMessage, parse_event, utcnow
+from shared.contracts import parse_event_bytes, utcnow
 from shared.logs import setup_logging
 from shared.telemetry import setup_telemetry
 
@@ -129,6 +129,7 @@ def build_app(settings: NotifierSettings) -> FastStream:
         ordered_consumer=True,
         deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
         config=replay,
+        decoder=raw_only,  # read from the bytes below
         # An ordered consumer acknowledges nothing (AckNone): an ack would only be one more
         # publish per event, ignored by the server.
         ack_policy=AckPolicy.MANUAL,
@@ -141,11 +142,7 @@ def build_app(settings: NotifierSettings) -> FastStream:
         raw = msg.raw_message
         seq = raw.metadata.sequence.stream
         try:
-            try:
-                body = json.loads(msg.body)
-            except ValueError as exc:
-                raise InvalidMessage(f"not JSON: {exc}") from exc
-            event = parse_event(body, ACCEPTED, raw.subject)
+            event = parse_event_bytes(raw.data, ACCEPTED, raw.subject)
             if event is None:
                 service.skip(seq)
             else:
