@@ -104,6 +104,19 @@ def fit_reply(result: dict[str, Any], limit: int) -> dict[str, Any]:
     ).reply.to_json()
 
 
+def fill_page(items: Iterable[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    """The first of `items` whose JSON fits in `budget` bytes together (at least one, so that
+    paging always moves on): a page of 500 hosts of 20 VMs each is several MiB."""
+    page: list[dict[str, Any]] = []
+    for item in items:
+        size = len(json.dumps(item)) + 1
+        if page and size > budget:
+            break
+        budget -= size
+        page.append(item)
+    return page
+
+
 class RolloutEngine:
     """All rollouts of the fleet (run by the active planner only)."""
 
@@ -169,8 +182,12 @@ class RolloutEngine:
         runs = self._runs.get(rollout_id, {}).values()
         return sorted(runs, key=lambda h: (h.wave, h.host))
 
+    def _horizon(self) -> datetime:
+        """An inventory older than this is stale: its host is taken for gone."""
+        return self.now() - timedelta(seconds=self.inventory_stale_s)
+
     def _fleet(self) -> dict[str, list[VMInfo]]:
-        horizon = self.now() - timedelta(seconds=self.inventory_stale_s)
+        horizon = self._horizon()
         return {h: inv.vms for h, inv in self.inventory.items() if inv.occurred_at >= horizon}
 
     def _fresh_vms(self, host: str, horizon: datetime) -> list[VMInfo] | None:
@@ -620,7 +637,7 @@ class RolloutEngine:
 
     async def _notice_wave(self, rollout: Rollout, wave: int) -> int:
         """Give notice to the hosts of `wave` that have none yet; how many got it."""
-        horizon = self.now() - timedelta(seconds=self.inventory_stale_s)
+        horizon = self._horizon()
         announcing = []
         for run in self._wave_runs(rollout, wave):
             if run.state != "pending":
@@ -726,7 +743,7 @@ class RolloutEngine:
         """Inventory may have changed since the plan: plan the hosts still to do again, so that a
         VM that moved still never shares a wave with another UD of its set."""
         remaining = [h for wave in rollout.waves[rollout.current_wave :] for h in wave]
-        horizon = self.now() - timedelta(seconds=self.inventory_stale_s)
+        horizon = self._horizon()
         unchanged = all(
             self._fresh_vms(host, horizon) is not None
             and self._placements[host] == self.hosts[(rollout.rollout_id, host)].placement
@@ -868,19 +885,6 @@ class RolloutEngine:
             "offset": offset,
             "next_offset": end if end < len(runs) else None,
         }
-
-
-def fill_page(items: Iterable[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
-    """The first of `items` whose JSON fits in `budget` bytes together (at least one, so that
-    paging always moves on): a page of 500 hosts of 20 VMs each is several MiB."""
-    page: list[dict[str, Any]] = []
-    for item in items:
-        size = len(json.dumps(item)) + 1
-        if page and size > budget:
-            break
-        budget -= size
-        page.append(item)
-    return page
 
 
 def _trace_id(run: HostRun) -> str | None:

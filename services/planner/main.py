@@ -124,6 +124,10 @@ def build_app(settings: PlannerSettings) -> FastStream:
         max_payload = broker.config.connection_state.connection.max_payload
         return max(REPLY_HEADROOM_BYTES, max_payload - REPLY_HEADROOM_BYTES)
 
+    def page_limit() -> int:
+        """What a page of a long answer holds at most."""
+        return min(REPLY_MAX_BYTES, reply_limit())
+
     async def command(
         action: Callable[[RolloutEngine], Awaitable[dict[str, Any]]],
     ) -> dict[str, Any]:
@@ -208,8 +212,7 @@ def build_app(settings: PlannerSettings) -> FastStream:
             rollout = e.get(ref.rollout_id)
             if ref.summary:
                 return e.summary(rollout)
-            budget = min(REPLY_MAX_BYTES, reply_limit())
-            return e.report(rollout, ref.offset, ref.limit, max_bytes=budget)
+            return e.report(rollout, ref.offset, ref.limit, max_bytes=page_limit())
 
         return await command(act)
 
@@ -263,7 +266,7 @@ def build_app(settings: PlannerSettings) -> FastStream:
         known = sorted(engine().inventory.items(), key=lambda kv: kv[0])
         listed = fill_page(
             (inv.to_json() for _, inv in known[page.offset : page.offset + page.limit]),
-            min(REPLY_MAX_BYTES, reply_limit()),
+            page_limit(),
         )
         end = page.offset + len(listed)
         return {
@@ -282,9 +285,7 @@ def build_app(settings: PlannerSettings) -> FastStream:
         durable=INVENTORY_DURABLE,
         deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
         # Nothing to acknowledge: a planner that stops reads the last ones again when it starts.
-        config=ConsumerConfig(
-            ack_policy=JsAckPolicy.NONE, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT
-        ),
+        config=ConsumerConfig(ack_policy=JsAckPolicy.NONE),
         # Every agent's heartbeat (10,000 hosts: 1,000 a second) in batches: one pass through
         # the per-message pipeline per batch, not per inventory (bench/bench_inventory.py).
         pull_sub=PullSub(batch_size=256, timeout=0.05, batch=True),
