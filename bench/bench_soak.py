@@ -191,7 +191,9 @@ async def read_stream(url: str) -> list[tuple[str, dict[str, Any]]]:
         except TimeoutError:
             break
         for m in msgs:
-            out.append((m.subject, json.loads(m.data)))
+            body = json.loads(m.data)
+            body["_stored_at"] = m.metadata.timestamp.isoformat()
+            out.append((m.subject, body))
             await m.ack()
     await nc.close()
     return out

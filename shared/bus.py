@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 from opentelemetry import context as otel_context
-from opentelemetry import propagate
+from opentelemetry import metrics, propagate, trace
 from pydantic import ValidationError
 
 from shared import subjects
@@ -468,6 +468,13 @@ class EventPublisher:
     publishes it, retrying with the same id (so JetStream stores it once) until the server acks.
     A NATS outage therefore never delays the caller, and events emitted during it arrive after
     reconnect, once. `publish` does the same but waits for the ack.
+
+    Events go straight to the broker's JetStream context, with the headers FastStream would set
+    (`content-type`, `correlation_id`: the event id) and the caller's trace context: FastStream's
+    publish pipeline (its middlewares, a publish span whether or not anything is recorded, the
+    body encoded twice) cost about three times as much CPU per event, on the events the agents,
+    clock-sync and the planner send per VM. In a recorded trace, each publish still has its own
+    `<subject> publish` span (PRODUCER), which the consumer's span continues.
     """
 
     def __init__(
@@ -484,6 +491,11 @@ class EventPublisher:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.published = 0
+        # The process's providers (set by `setup_telemetry`), resolved when first used.
+        self._tracer = trace.get_tracer("pausepatch.bus")
+        self._counter = metrics.get_meter("pausepatch").create_counter(
+            "pp.events.published", description="Events stored in the stream, per type"
+        )
 
     def start(self) -> None:
         """Start the background sender (idempotent)."""
@@ -568,14 +580,34 @@ class EventPublisher:
 
     async def _send_once(self, pending: _Pending) -> None:
         event = pending.event
-        token = otel_context.attach(pending.context)
-        try:
-            await self.broker.publish(
-                event.to_json(),
-                event.subject(),
-                headers={"Nats-Msg-Id": str(event.event_id)},
-                stream=subjects.STREAM_NAME,
-                timeout=self.ack_timeout_s,
-            )
-        finally:
-            otel_context.detach(token)
+        subject = event.subject()
+        event_id = str(event.event_id)
+        payload = event.model_dump_json().encode()
+        headers = {
+            "content-type": "application/json",
+            "correlation_id": event_id,
+            "Nats-Msg-Id": event_id,
+        }
+        js = self.broker.config.connection_state.stream
+        send: dict[str, Any] = {"timeout": self.ack_timeout_s, "stream": subjects.STREAM_NAME}
+        if not trace.get_current_span(pending.context).get_span_context().trace_flags.sampled:
+            # Nothing of this trace is recorded: only its context travels on.
+            propagate.inject(headers, context=pending.context)
+            await js.publish(subject, payload, **send, headers=headers)
+        else:
+            with self._tracer.start_as_current_span(
+                f"{subject} publish",
+                context=pending.context,
+                kind=trace.SpanKind.PRODUCER,
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.operation.type": "publish",
+                    "messaging.destination.name": subject,
+                    "messaging.message.id": event_id,
+                    "messaging.message.body.size": len(payload),
+                    "pp.event.type": event.type,
+                },
+            ):
+                propagate.inject(headers)
+                await js.publish(subject, payload, **send, headers=headers)
+        self._counter.add(1, {"type": event.type})

@@ -141,3 +141,26 @@ async def test_pauses_patches_resumes_one_host_in_one_trace(
     for span in pauses:
         vm = span.name.removeprefix("vm.pause ")
         assert abs(span.duration_ms - resumed_by_vm[vm].paused_ms) <= 5, (vm, span.duration_ms)
+
+    # Each resume is published in its pause's trace (a `... publish` span under the VM's
+    # vm.pause), and clock-sync's work on that VM continues the publish span.
+    def clock_follows_resume(spans: list[Any]) -> bool:
+        by_id = {s.span_id: s for s in spans}
+        chained = set()
+        for sync in (s for s in spans if s.name.startswith("clock.sync ")):
+            publish = by_id.get(sync.parent_span_id)
+            pause = by_id.get(publish.parent_span_id) if publish else None
+            vm = sync.name.removeprefix("clock.sync ")
+            if (
+                publish is not None
+                and publish.service == "host-agent"
+                and publish.name == f"pp.evt.vm.h1.{vm}.resumed publish"
+                and publish.attributes.get("messaging.message.id")
+                == str(resumed_by_vm[vm].event_id)
+                and pause is not None
+                and pause.name == f"vm.pause {vm}"
+            ):
+                chained.add(vm)
+        return chained == set(resumed_by_vm)
+
+    otlp.wait_for(clock_follows_resume, timeout=30)
