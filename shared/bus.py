@@ -300,13 +300,19 @@ def settle_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def make_app(broker: NatsBroker, service: str, description: str) -> FastStream:
-    """The FastStream app of a service, with its AsyncAPI description."""
+def make_app(
+    broker: NatsBroker, service: str, description: str, documented: NatsBroker | None = None
+) -> FastStream:
+    """The FastStream app of a service, with its AsyncAPI description; `documented`: a broker
+    never connected, whose subscribers describe what the service consumes without FastStream."""
     app = FastStream(
         broker,
         logger=logging.getLogger(f"pausepatch.faststream.{service}"),
         specification=AsyncAPI(
-            title=f"pausepatch {service}", version="0.1.0", description=description
+            *([broker, documented] if documented is not None else []),
+            title=f"pausepatch {service}",
+            version="0.1.0",
+            description=description,
         ),
     )
     app.after_startup(settle_gc)
@@ -402,11 +408,27 @@ async def raw_only(msg: Any) -> None:
     return None
 
 
+def read_event(raw: Msg, accepted: tuple[type[Event], ...], max_bytes: int) -> Event | None:
+    """The event a message carries; None for a kind of event the reader does not take. Raises
+    `InvalidMessage` with the reason a message cannot be read (for the dead letters)."""
+    if len(raw.data) > max_bytes:
+        raise InvalidMessage(f"oversized: {len(raw.data)} bytes, more than {max_bytes}")
+    try:
+        return parse_event_bytes(raw.data, accepted, raw.subject)
+    except ValidationError as exc:
+        raise InvalidMessage(validation_reason(exc)) from exc
+    except InvalidMessage:
+        raise
+    except ValueError as exc:
+        raise InvalidMessage(str(exc) or type(exc).__name__) from exc
+
+
 async def read_batch(
     broker: NatsBroker, service: str, accepted: tuple[type[Event], ...], max_bytes: int
 ) -> list[tuple[Event, Msg]]:
     """The events of the batch being handled (a batch pull subscriber), each with its message;
-    what cannot be read is dead-lettered and acknowledged, one by one."""
+    what cannot be read, or is not of an accepted kind, is dead-lettered and acknowledged, one
+    by one."""
     batch = current_message(broker)
     raws: list[Msg] = (
         batch.raw_message if isinstance(batch.raw_message, list) else [batch.raw_message]
@@ -414,14 +436,10 @@ async def read_batch(
     events: list[tuple[Event, Msg]] = []
     for raw in raws:
         try:
-            if len(raw.data) > max_bytes:
-                raise InvalidMessage(f"oversized: {len(raw.data)} bytes, more than {max_bytes}")
-            event = parse_event_bytes(raw.data, accepted, raw.subject)
+            event = read_event(raw, accepted, max_bytes)
             if event is None:
                 raise InvalidMessage(f"a {json.loads(raw.data)['type']} on {raw.subject}")
-        except ValidationError as exc:
-            reason = validation_reason(exc)
-        except (ValueError, InvalidMessage) as exc:
+        except InvalidMessage as exc:
             reason = str(exc) or type(exc).__name__
         else:
             events.append((event, raw))
@@ -429,6 +447,16 @@ async def read_batch(
         await dead_letter(broker, service, raw.subject, raw.data, reason)
         await raw.ack()
     return events
+
+
+def recorded(traceparent: str | None) -> bool:
+    """A W3C `traceparent` header of a trace that is recorded (its sampled flag set)."""
+    if not traceparent or len(traceparent) < 2:
+        return False
+    try:
+        return bool(int(traceparent[-2:], 16) & 1)
+    except ValueError:
+        return False
 
 
 def context_of(raw: Msg) -> otel_context.Context:

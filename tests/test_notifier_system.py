@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -27,7 +28,7 @@ from shared.contracts import (
     VMResumed,
 )
 from shared.devstack import LocalStack, free_port
-from tests.support.fleet import ready, sim_vms, start_core, wait_http
+from tests.support.fleet import ready, sim_vms, start_core, wait_hosts, wait_http
 
 PATH = "/metadata/scheduledevents"
 V = {"api-version": "2020-07-01"}
@@ -420,3 +421,35 @@ async def test_replicas_serve_one_document_and_a_restarted_one_the_same_incarnat
     assert final == {"DocumentIncarnation": 6, "Events": []}
     for view in views.values():
         await view.close()
+
+
+async def test_the_documents_stay_current_across_a_nats_server_restart(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
+) -> None:
+    """The notifier reads the stream through a consumer held in the server's memory: after a
+    restart of the server (the stream itself is on disk), it must notice the consumer is gone and
+    go on from the last event it applied, or its documents stop changing for good."""
+    url, client, watcher = await fleet(stack, bus)
+    web1 = VMView(url, ip(H1, "web-1"))
+    assert (await web1.document())["Events"] == []
+    assert stack.nats is not None
+    stack.nats.stop(signal.SIGKILL)
+    stack.nats.start()
+    await wait_hosts(client, ["h1", "h2"])  # the planner answers again
+    rollout = await client.submit(
+        {
+            "update_id": "after-restart",
+            "hosts": ["h1"],
+            "patch": {"duration_s": 0.1},
+            "notice_s": 600,
+            "pause_budget_s": 10,
+        }
+    )
+    await watcher.wait_for(
+        lambda w: w.events(MaintenancePlanned, rollout_id=rollout["rollout_id"]), 30, "the notice"
+    )
+    doc = await web1.wait(lambda d: statuses(d) == ["Scheduled"], 30)
+    assert doc["Events"][0]["Resources"] == ["web-1"]
+    await client.abort(rollout["rollout_id"])
+    await web1.wait(lambda d: d["Events"] == [], 30)  # and the abort, later still
+    await web1.close()

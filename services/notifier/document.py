@@ -21,7 +21,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import format_datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
 
 from shared.contracts import (
     ClockSynced,
@@ -69,6 +71,21 @@ ACCEPTED: tuple[type[Event], ...] = (
     RolloutStatus,
 )
 """The bus events the documents are made of."""
+
+ReplayedEvent = Annotated[
+    HostInventory
+    | MaintenancePlanned
+    | MaintenanceApproved
+    | MaintenanceDeferred
+    | MaintenanceStarted
+    | MaintenanceCompleted
+    | MaintenanceCancelled
+    | VMResumed
+    | ClockSynced
+    | RolloutStatus,
+    Field(discriminator="type"),
+]
+"""The same, as one type (for the AsyncAPI document)."""
 
 DEFAULT_DESCRIPTION = {
     "Freeze": "Virtual machine is being paused because of a memory-preserving host update.",

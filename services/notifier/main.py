@@ -21,12 +21,19 @@ from datetime import timedelta
 
 import uvicorn
 from faststream import FastStream
-from faststream.middlewares import AckPolicy
-from faststream.nats import DeliverPolicy
-from nats.js.api import ConsumerConfig
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from opentelemetry import propagate, trace
 
 from services.notifier.api import build_api
-from services.notifier.document import ACCEPTED, Change, DeferPolicy, ScheduledEventsDocument
+from services.notifier.document import (
+    ACCEPTED,
+    Change,
+    DeferPolicy,
+    ReplayedEvent,
+    ScheduledEventsDocument,
+)
 from services.notifier.service import ScheduledEventsService
 from services.notifier.settings import NotifierSettings
 from services.notifier.snapshots import SnapshotStore
@@ -34,19 +41,22 @@ from services.notifier.webhooks import RetryPolicy, WebhookDispatcher
 from shared import subjects
 from shared.bus import (
     EventPublisher,
-    current_message,
+    dead_letter,
     events_stream,
     key_value,
     make_app,
     make_broker,
-    raw_only,
+    read_event,
+    recorded,
     wait_for_stream,
 )
-from shared.contracts import parse_event_bytes, utcnow
+from shared.contracts import InvalidMessage, utcnow
 from shared.logs import setup_logging
 from shared.telemetry import setup_telemetry
 
 SERVICE = "notifier"
+REPLAY_HEARTBEAT_S = 5.0
+"""The server's idle heartbeat on the replay; two missed, and the replay is made again."""
 
 log = logging.getLogger(__name__)
 
@@ -118,40 +128,71 @@ def build_app(settings: NotifierSettings) -> FastStream:
         saving.add(task)
         task.add_done_callback(saving.discard)
 
-    # An ordered consumer of this replica's own: every replica applies every event in the one
-    # stream order. Declared here (so the AsyncAPI document shows it); where it starts, just
-    # after the snapshot, is set in `startup`, which runs before the broker starts subscribing.
-    replay = ConsumerConfig(opt_start_seq=1)
+    # The replay: an ordered consumer of this replica's own, so that every replica applies every
+    # event in the one stream order. Every event of the fleet passes here (heartbeats, every
+    # VM's pause, resume and clock), so it is read with nats-py directly: FastStream's
+    # per-message pipeline (its context, middlewares, a consume span whether or not anything is
+    # recorded) cost more than the documents' own work. It starts just after the snapshot
+    # (`startup`); when the server loses it (a restart: it lives in the server's memory), the
+    # missing idle heartbeats make nats-py create it again from the next event.
+    tracer = telemetry.tracer("pausepatch.notifier")
+    replay: list[JetStreamContext.PushSubscription] = []
 
-    @broker.subscriber(
+    async def on_replayed(raw: Msg) -> None:
+        """One event, in stream order (nats-py awaits each before handing over the next)."""
+        seq = raw.metadata.sequence.stream
+        headers = raw.headers or {}
+        try:
+            if recorded(headers.get("traceparent")):
+                with tracer.start_as_current_span(
+                    f"{raw.subject} process",
+                    context=propagate.extract(headers),
+                    kind=trace.SpanKind.CONSUMER,
+                    attributes={
+                        "messaging.system": "nats",
+                        "messaging.operation.type": "process",
+                        "messaging.destination.name": raw.subject,
+                        "messaging.message.id": headers.get("Nats-Msg-Id", ""),
+                    },
+                ):
+                    await apply(raw, seq)
+            else:
+                await apply(raw, seq)
+        except Exception as exc:  # a document bug must not stop the replay: kept, and said
+            log.exception("event at stream seq %d not applied", seq)
+            service.skip(seq)
+            await dead_letter(broker, SERVICE, raw.subject, raw.data, f"not applied: {exc!r}")
+        finally:
+            maybe_snapshot()
+
+    async def apply(raw: Msg, seq: int) -> None:
+        try:
+            event = read_event(raw, ACCEPTED, settings.max_message_bytes)
+        except InvalidMessage as exc:
+            service.skip(seq)
+            await dead_letter(broker, SERVICE, raw.subject, raw.data, str(exc))
+            return
+        if event is None:
+            service.skip(seq)  # an event the documents are not made of (a VM's pause, ...)
+        else:
+            service.apply(event, seq)
+
+    # The same subscription as the AsyncAPI document shows it (a broker of its own, never
+    # connected: the replay above is what runs).
+    documented = make_broker(SERVICE, settings, telemetry, acks=False)
+
+    @documented.subscriber(
         subjects.EVENTS_ROOT,
         stream=events_stream(declare=False),
         ordered_consumer=True,
         deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-        config=replay,
-        decoder=raw_only,  # read from the bytes below
-        # An ordered consumer acknowledges nothing (AckNone): an ack would only be one more
-        # publish per event, ignored by the server.
-        ack_policy=AckPolicy.MANUAL,
+        idle_heartbeat=REPLAY_HEARTBEAT_S,
         title="pp.evt.>:notifier",
-        description="Inventory, maintenance and measurement events that make the documents.",
+        description="Inventory, maintenance and measurement events that make the documents, "
+        "replayed in stream order from just after the snapshot (other events are passed over).",
     )
-    async def on_bus_event() -> None:
-        """Inventory, maintenance and measurement events, in stream order, make the documents."""
-        msg = current_message(broker)
-        raw = msg.raw_message
-        seq = raw.metadata.sequence.stream
-        try:
-            event = parse_event_bytes(raw.data, ACCEPTED, raw.subject)
-            if event is None:
-                service.skip(seq)
-            else:
-                service.apply(event, seq)
-        except Exception:
-            service.skip(seq)  # dead-lettered by the middleware; the replay goes on
-            raise
-        finally:
-            maybe_snapshot()
+    async def replayed(event: ReplayedEvent) -> None:
+        """See `on_replayed`."""
 
     api = build_api(service, settings.long_poll_max_s)
     host, _, port = settings.listen.rpartition(":")
@@ -170,7 +211,10 @@ def build_app(settings: NotifierSettings) -> FastStream:
     catch_up: dict[str, int] = {"target": 0}
 
     app = make_app(
-        broker, SERVICE, "Scheduled Events API for the VMs; turns approvals into bus events."
+        broker,
+        SERVICE,
+        "Scheduled Events API for the VMs; turns approvals into bus events.",
+        documented=documented,
     )
 
     @app.on_startup
@@ -201,7 +245,19 @@ def build_app(settings: NotifierSettings) -> FastStream:
                 info.state.first_seq,
                 document.seq,
             )
-        replay.opt_start_seq = document.seq + 1  # the replay starts just after the snapshot
+        js = broker.config.connection_state.stream
+        replay.append(
+            await js.subscribe(
+                subjects.EVENTS_ROOT,
+                stream=subjects.STREAM_NAME,
+                cb=on_replayed,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                # The replay starts just after the snapshot.
+                config=ConsumerConfig(opt_start_seq=document.seq + 1),
+                idle_heartbeat=REPLAY_HEARTBEAT_S,
+            )
+        )
 
     @app.after_startup
     async def serve() -> None:
@@ -227,6 +283,9 @@ def build_app(settings: NotifierSettings) -> FastStream:
 
     @app.on_shutdown
     async def shutdown() -> None:
+        for subscription in replay:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
         server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
         await publisher.stop()
