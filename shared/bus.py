@@ -247,6 +247,18 @@ def current_message(broker: NatsBroker) -> NatsMessage:
     return broker.context.get_local("message")  # type: ignore[no-any-return]
 
 
+class _Telemetry(NatsTelemetryMiddleware):
+    """FastStream's telemetry, but for batches (per-VM events, by hundreds): their handlers trace
+    each event in its own trace where they work on it (clock-sync), and FastStream's span for a
+    whole batch, linked to every message's trace, cost the planner a tenth of its CPU (the trace
+    context of every message in the batch extracted, one link each)."""
+
+    def __call__(self, msg: Any, /, *, context: Any) -> Any:
+        if isinstance(msg, list):
+            return BaseMiddleware(msg, context=context)
+        return super().__call__(msg, context=context)
+
+
 def make_broker(
     service: str, settings: BusSettings, telemetry: Telemetry, acks: bool = True
 ) -> NatsBroker:
@@ -272,7 +284,7 @@ def make_broker(
         logger=logging.getLogger(f"pausepatch.faststream.{service}"),
         log_level=logging.DEBUG,
         middlewares=[
-            NatsTelemetryMiddleware(
+            _Telemetry(
                 tracer_provider=telemetry.tracer_provider,
                 meter_provider=telemetry.meter_provider,
             ),
