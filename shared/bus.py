@@ -591,19 +591,29 @@ class EventPublisher:
 
     async def _send_in_order(self, window: list[_Pending]) -> None:
         """Publish a window of events: all written to the connection in order at once, then their
-        acks awaited together; whatever failed is sent again (same ids, same order) until stored."""
+        acks awaited together (one timer for the window, not one per event); whatever failed is
+        sent again (same ids, same order) until stored."""
         while window:
-            results = await asyncio.gather(
-                *(self._send_once(p) for p in window), return_exceptions=True
-            )
-            failed = []
-            for pending, result in zip(window, results, strict=True):
-                if isinstance(result, asyncio.CancelledError):
-                    raise result
-                if isinstance(result, BaseException):
+            outcomes: list[asyncio.Future[Any] | BaseException] = []
+            for pending in window:
+                try:
+                    outcomes.append(await self._send(pending))
+                except Exception as exc:  # noqa: BLE001 - not connected, closed...: sent again
+                    outcomes.append(exc)
+            acks = [o for o in outcomes if isinstance(o, asyncio.Future)]
+            if acks:
+                _, late = await asyncio.wait(acks, timeout=self.ack_timeout_s)
+                for ack in late:
+                    ack.cancel()
+            failed, reasons = [], []
+            for pending, outcome in zip(window, outcomes, strict=True):
+                reason = _failure(outcome)
+                if reason is not None:
                     failed.append(pending)
+                    reasons.append(reason)
                     continue
                 self.published += 1
+                self._counter.add(1, {"type": pending.event.type})
                 if pending.done is not None and not pending.done.done():
                     pending.done.set_result(None)
             if failed:
@@ -613,12 +623,13 @@ class EventPublisher:
                     len(failed),
                     first.type,
                     first.subject(),
-                    next(r for r in results if isinstance(r, BaseException)),
+                    reasons[0],
                 )
                 await asyncio.sleep(self.retry_s)
             window = failed
 
-    async def _send_once(self, pending: _Pending) -> None:
+    async def _send(self, pending: _Pending) -> asyncio.Future[Any]:
+        """Write one event to the connection; the future is its ack (a `PubAck`)."""
         event = pending.event
         subject = event.subject()
         event_id = str(event.event_id)
@@ -629,25 +640,50 @@ class EventPublisher:
             "Nats-Msg-Id": event_id,
         }
         js = self.broker.config.connection_state.stream
-        send: dict[str, Any] = {"timeout": self.ack_timeout_s, "stream": subjects.STREAM_NAME}
         if not trace.get_current_span(pending.context).get_span_context().trace_flags.sampled:
             # Nothing of this trace is recorded: only its context travels on.
             propagate.inject(headers, context=pending.context)
-            await js.publish(subject, payload, **send, headers=headers)
-        else:
-            with self._tracer.start_as_current_span(
-                f"{subject} publish",
-                context=pending.context,
-                kind=trace.SpanKind.PRODUCER,
-                attributes={
-                    "messaging.system": "nats",
-                    "messaging.operation.type": "publish",
-                    "messaging.destination.name": subject,
-                    "messaging.message.id": event_id,
-                    "messaging.message.body.size": len(payload),
-                    "pp.event.type": event.type,
-                },
-            ):
-                propagate.inject(headers)
-                await js.publish(subject, payload, **send, headers=headers)
-        self._counter.add(1, {"type": event.type})
+            return await js.publish_async(
+                subject, payload, stream=subjects.STREAM_NAME, headers=headers
+            )
+        # A recorded trace: the publish has a span of its own, from the write to the ack, which
+        # the consumer's span continues.
+        span = self._tracer.start_span(
+            f"{subject} publish",
+            context=pending.context,
+            kind=trace.SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.operation.type": "publish",
+                "messaging.destination.name": subject,
+                "messaging.message.id": event_id,
+                "messaging.message.body.size": len(payload),
+                "pp.event.type": event.type,
+            },
+        )
+        propagate.inject(headers, context=trace.set_span_in_context(span, pending.context))
+        try:
+            ack = await js.publish_async(
+                subject, payload, stream=subjects.STREAM_NAME, headers=headers
+            )
+        except BaseException as exc:
+            _end_span(span, str(exc) or type(exc).__name__)
+            raise
+        ack.add_done_callback(lambda done: _end_span(span, _failure(done)))
+        return ack
+
+
+def _failure(outcome: asyncio.Future[Any] | BaseException) -> str | None:
+    """Why a publish failed (its exception, its ack's error, no ack in time); None if stored."""
+    if isinstance(outcome, BaseException):
+        return str(outcome) or type(outcome).__name__
+    if not outcome.done() or outcome.cancelled():
+        return "no acknowledgement in time"
+    exc = outcome.exception()
+    return None if exc is None else (str(exc) or type(exc).__name__)
+
+
+def _end_span(span: trace.Span, error: str | None) -> None:
+    if error is not None:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, error))
+    span.end()

@@ -1,0 +1,88 @@
+"""The event publisher on a real nats-server: what it cannot store yet it keeps and sends again,
+in order and with the same ids, and each event is stored once, with the headers FastStream sets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import timedelta
+
+import pytest
+from nats.aio.msg import Msg
+
+from shared import subjects
+from shared.bus import EventPublisher, declare_streams, make_broker
+from shared.client import connect
+from shared.contracts import VMResumed, utcnow
+from shared.devstack import NatsServer
+from shared.settings import BusSettings
+from shared.telemetry import setup_telemetry
+
+EVENTS = 300
+"""More than one window of the publisher (256)."""
+
+
+def refusals(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r for r in caplog.records if "failed" in r.getMessage() and "retrying" in r.getMessage()
+    ]
+
+
+async def test_events_emitted_before_the_stream_exists_are_stored_once_in_order(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="shared.bus")
+    broker = make_broker("host-agent", BusSettings(nats_url=nats_server.url), setup_telemetry("t"))
+    await broker.connect()
+    publisher = EventPublisher(broker, retry_s=0.1, ack_timeout_s=2.0)
+    now = utcnow()
+    events = [
+        VMResumed(
+            host="h1",
+            vm=f"vm-{i:03d}",
+            rollout_id="r1",
+            paused_at=now,
+            resumed_at=now + timedelta(milliseconds=100),
+            paused_ms=100.0,
+            budget_ms=30_000,
+            forced=False,
+            ok=True,
+        )
+        for i in range(EVENTS)
+    ]
+    nc = await connect(nats_server.url)
+    try:
+        for event in events:
+            publisher.emit(event)
+        # Nothing can be stored yet (no stream): the events are refused, kept and sent again.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while len(refusals(caplog)) < 2:
+            assert loop.time() < deadline, "the publisher never said it was refused"
+            await asyncio.sleep(0.05)
+        assert publisher.published == 0
+        await declare_streams(broker)
+        assert await publisher.drain(timeout=20), f"{publisher.published} of {EVENTS} stored"
+        assert publisher.published == EVENTS
+
+        js = nc.jetstream()
+        info = await js.stream_info(subjects.STREAM_NAME)
+        assert info.state.messages == EVENTS  # each once
+        sub = await js.pull_subscribe(subjects.vm_resumed(), durable=None)
+        stored: list[Msg] = []
+        while len(stored) < EVENTS:
+            stored.extend(await sub.fetch(100, timeout=5))
+        ids = [json.loads(m.data)["event_id"] for m in stored]
+        assert ids == [str(e.event_id) for e in events]  # in the order emitted
+        for msg, event in zip(stored, events, strict=True):
+            assert msg.subject == event.subject()
+            assert msg.headers is not None
+            assert msg.headers["Nats-Msg-Id"] == str(event.event_id)
+            assert msg.headers["correlation_id"] == str(event.event_id)
+            assert msg.headers["content-type"] == "application/json"
+            assert VMResumed.model_validate_json(msg.data) == event
+    finally:
+        await publisher.stop()
+        await nc.close()
+        await broker.stop()
