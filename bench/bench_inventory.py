@@ -23,8 +23,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import os
-import platform
 import sys
 import time
 import uuid
@@ -39,7 +37,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_soak import cpu_s, machine_speed
+from bench_soak import cpu_s, machine_speed, write_result
 
 from shared import subjects
 from shared.client import PlannerClient, connect
@@ -244,15 +242,7 @@ def main() -> None:
         f"published {result['published_per_s']:,}/s; the planner had read the last round "
         f"{result['planner_lag_after_last_publish_s']} s after it was published"
     )
-    result["meta"] = {
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "loadavg": os.getloadavg(),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +37,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_soak import machine_speed
+from bench_soak import machine_speed, write_result
 
 from shared import subjects
 from shared.bus import EventPublisher, declare_streams, make_broker
@@ -184,15 +181,7 @@ def main() -> None:
     args = parser.parse_args()
     result = asyncio.run(run(args))
     Console(width=140).print(table(result))
-    result["meta"] = {
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "loadavg": os.getloadavg(),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

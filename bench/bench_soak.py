@@ -25,6 +25,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import platform
 import random
 import socket
 import statistics
@@ -51,6 +52,19 @@ def pct(values: list[float], q: float) -> float:
     """The q-quantile (nearest rank)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def write_result(result: dict[str, Any], out: Path) -> None:
+    """Write a bench's result as JSON, with when and where it was measured (`meta`)."""
+    result["meta"] = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 def machine_speed() -> dict[str, float]:
