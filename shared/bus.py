@@ -288,7 +288,7 @@ def make_broker(
                 tracer_provider=telemetry.tracer_provider,
                 meter_provider=telemetry.meter_provider,
             ),
-            DeadLetter.factory(service, telemetry, settings.max_message_bytes, acks),
+            DeadLetter.factory(service, settings.max_message_bytes, acks),
         ],
         description=f"pausepatch {service}",
     )
@@ -337,23 +337,17 @@ class DeadLetter(BaseMiddleware):  # type: ignore[type-arg]
     (a request with a reply subject) also gets a structured `{error, detail}` answer."""
 
     service: str = ""
-    counter: Any = None
     max_bytes: int = 512 * 1024
     acks: bool = True
 
     @classmethod
-    def factory(
-        cls, service: str, telemetry: Telemetry, max_bytes: int, acks: bool = True
-    ) -> type[DeadLetter]:
+    def factory(cls, service: str, max_bytes: int, acks: bool = True) -> type[DeadLetter]:
         """A middleware class bound to one service (`acks`: its JetStream consumers acknowledge
         what they handle)."""
-        counter = telemetry.meter("pausepatch").create_counter(
-            "pp.dlq.messages", description="Messages dead-lettered"
-        )
         return type(
             f"DeadLetter_{service}",
             (cls,),
-            {"service": service, "counter": counter, "max_bytes": max_bytes, "acks": acks},
+            {"service": service, "max_bytes": max_bytes, "acks": acks},
         )
 
     async def consume_scope(
@@ -383,8 +377,14 @@ class DeadLetter(BaseMiddleware):  # type: ignore[type-arg]
     async def _dead_letter(self, msg: StreamMessage[Any], reason: str) -> None:
         raw: bytes = msg.body if isinstance(msg.body, bytes) else bytes(msg.body)
         subject = getattr(msg.raw_message, "subject", "")
-        self.counter.add(1, {"service": self.service, "subject": subject})
         await dead_letter(self.context.get("broker"), self.service, subject, raw, reason)
+
+
+_DLQ_COUNTER = metrics.get_meter("pausepatch").create_counter(
+    "pp.dlq.messages", description="Messages dead-lettered"
+)
+"""Every dead letter, whoever found it (a middleware, a batch reader, the notifier's replay); the
+process's meter provider, once `setup_telemetry` set it."""
 
 
 async def dead_letter(
@@ -402,6 +402,7 @@ async def dead_letter(
         "original_b64": base64.b64encode(raw[:DLQ_COPY_BYTES]).decode(),
     }
     log.warning("dead-lettered a message on %s: %s", subject, reason)
+    _DLQ_COUNTER.add(1, {"service": service, "subject": subject})
     try:
         await broker.publish(
             body,
