@@ -142,8 +142,8 @@ async def test_pauses_patches_resumes_one_host_in_one_trace(
         vm = span.name.removeprefix("vm.pause ")
         assert abs(span.duration_ms - resumed_by_vm[vm].paused_ms) <= 5, (vm, span.duration_ms)
 
-    # Each resume is published in its pause's trace (a `... publish` span under the VM's
-    # vm.pause), and clock-sync's work on that VM continues the publish span.
+    # Each resume is published in its pause's trace (a `... create` span under the VM's
+    # vm.pause), and clock-sync's work on that VM continues that span.
     def clock_follows_resume(spans: list[Any]) -> bool:
         by_id = {s.span_id: s for s in spans}
         chained = set()
@@ -154,7 +154,7 @@ async def test_pauses_patches_resumes_one_host_in_one_trace(
             if (
                 publish is not None
                 and publish.service == "host-agent"
-                and publish.name == f"pp.evt.vm.h1.{vm}.resumed publish"
+                and publish.name == f"pp.evt.vm.h1.{vm}.resumed create"
                 and publish.attributes.get("messaging.message.id")
                 == str(resumed_by_vm[vm].event_id)
                 and pause is not None
