@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import dockerfile
 import pytest
 import yaml
+from opentelemetry import environment_variables as otel_api_env
 from opentelemetry.sdk import environment_variables as otel_env
 
 from shared.devstack import REPO
@@ -218,7 +219,7 @@ def test_every_service_builds_an_existing_target_that_runs_an_existing_app() -> 
 
 def test_every_env_var_is_read_by_the_service_it_is_given_to() -> None:
     known = settings_env()
-    otel = {name for name in dir(otel_env) if name.startswith("OTEL_")}
+    otel = {n for m in (otel_env, otel_api_env) for n in dir(m) if n.startswith("OTEL_")}
     for name, (target, svc) in pausepatch_services().items():
         readable = set(known["planner"]) if target == "cli" else set(known[target])
         given = {**image_env(target), **(svc.get("environment") or {})}
