@@ -66,11 +66,22 @@ class NatsHeaders:
                 self.headers[key.strip()] = value.strip()
 
 
+class StatusHeaderParser:
+    """The headers that follow an inline status (a pull request's 408 when it expires, an idle
+    heartbeat, flow control): nats-py reads those with the e-mail parser whatever its
+    `fast_parse` hook holds, for every poll of every pull consumer. The same strict parser."""
+
+    def parsebytes(self, raw: bytes) -> dict[str, str]:
+        return NatsHeaders(raw).headers
+
+
 def _install_header_parser() -> None:
     import nats.aio.client as nats_client
 
     # Also in place of `fast-mail-parser` if installed: its current releases return lists.
     nats_client.parse_email = NatsHeaders  # type: ignore[attr-defined]
+    # Each client makes its status header parser from this name when it is created.
+    nats_client.BytesParser = StatusHeaderParser  # type: ignore[misc,assignment]
 
 
 _install_header_parser()
