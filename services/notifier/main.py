@@ -55,8 +55,6 @@ from shared.logs import setup_logging
 from shared.telemetry import setup_telemetry
 
 SERVICE = "notifier"
-REPLAY_HEARTBEAT_S = 5.0
-"""The server's idle heartbeat on the replay; two missed, and the replay is made again."""
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +131,8 @@ def build_app(settings: NotifierSettings) -> FastStream:
     # VM's pause, resume and clock), so it is read with nats-py directly: FastStream's
     # per-message pipeline (its context, middlewares, a consume span whether or not anything is
     # recorded) cost more than the documents' own work. It starts just after the snapshot
-    # (`startup`); when the server loses it (a restart: it lives in the server's memory), the
-    # missing idle heartbeats make nats-py create it again from the next event.
+    # (`startup`); when the server loses it (it lives in the server's memory), the missing idle
+    # heartbeats (`replay_heartbeat_s`) make nats-py create it again from the next event.
     tracer = telemetry.tracer("pausepatch.notifier")
     replay: list[JetStreamContext.PushSubscription] = []
 
@@ -186,7 +184,7 @@ def build_app(settings: NotifierSettings) -> FastStream:
         stream=events_stream(declare=False),
         ordered_consumer=True,
         deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-        idle_heartbeat=REPLAY_HEARTBEAT_S,
+        idle_heartbeat=settings.replay_heartbeat_s,
         title="pp.evt.>:notifier",
         description="Inventory, maintenance and measurement events that make the documents, "
         "replayed in stream order from just after the snapshot (other events are passed over).",
@@ -255,7 +253,7 @@ def build_app(settings: NotifierSettings) -> FastStream:
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                 # The replay starts just after the snapshot.
                 config=ConsumerConfig(opt_start_seq=document.seq + 1),
-                idle_heartbeat=REPLAY_HEARTBEAT_S,
+                idle_heartbeat=settings.replay_heartbeat_s,
             )
         )
 

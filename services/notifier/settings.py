@@ -42,6 +42,9 @@ class NotifierSettings(BusSettings):
     """... or this long after the last one, whichever comes first."""
     catch_up_timeout_s: float = 120.0
     """At start, the API opens once the stream is replayed, or after this long at most."""
+    replay_heartbeat_s: float = 5.0
+    """The server's idle heartbeat on the replay's consumer: two missed (the server lost the
+    consumer: a node failed, it was deleted), and the replay is made again from the next event."""
 
     @property
     def webhook_urls(self) -> list[str]:
