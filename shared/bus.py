@@ -653,37 +653,36 @@ class EventPublisher:
             "Nats-Msg-Id": event_id,
         }
         js = self.broker.config.connection_state.stream
-        if not trace.get_current_span(pending.context).get_span_context().trace_flags.sampled:
-            # Nothing of this trace is recorded: only its context travels on.
-            propagate.inject(headers, context=pending.context)
-            return await js.publish_async(
-                subject, payload, stream=subjects.STREAM_NAME, headers=headers
+        context, span = pending.context, None
+        if trace.get_current_span(context).get_span_context().trace_flags.sampled:
+            # A recorded trace: each event has a span of its own (named as FastStream names it,
+            # as the creation context of one message of a batch sent at once), from its write to
+            # its ack; the consumer's span continues it. Otherwise only the context travels on.
+            span = self._tracer.start_span(
+                f"{subject} create",
+                context=context,
+                kind=trace.SpanKind.PRODUCER,
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.operation.type": "create",
+                    "messaging.destination.name": subject,
+                    "messaging.message.id": event_id,
+                    "messaging.message.body.size": len(payload),
+                    "pp.event.type": event.type,
+                },
             )
-        # A recorded trace: each event has a span of its own (named as FastStream names it, as
-        # the creation context of one message of a batch sent at once), from its write to its
-        # ack; the consumer's span continues it.
-        span = self._tracer.start_span(
-            f"{subject} create",
-            context=pending.context,
-            kind=trace.SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "nats",
-                "messaging.operation.type": "create",
-                "messaging.destination.name": subject,
-                "messaging.message.id": event_id,
-                "messaging.message.body.size": len(payload),
-                "pp.event.type": event.type,
-            },
-        )
-        propagate.inject(headers, context=trace.set_span_in_context(span, pending.context))
+            context = trace.set_span_in_context(span, context)
+        propagate.inject(headers, context=context)
         try:
             ack = await js.publish_async(
                 subject, payload, stream=subjects.STREAM_NAME, headers=headers
             )
         except BaseException as exc:
-            _end_span(span, str(exc) or type(exc).__name__)
+            if span is not None:
+                _end_span(span, str(exc) or type(exc).__name__)
             raise
-        ack.add_done_callback(lambda done: _end_span(span, _failure(done)))
+        if span is not None:
+            ack.add_done_callback(lambda done: _end_span(span, _failure(done)))
         return ack
 
 

@@ -24,7 +24,7 @@ from faststream import FastStream
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 
 from services.notifier.api import build_api
 from services.notifier.document import (
@@ -41,6 +41,7 @@ from services.notifier.webhooks import RetryPolicy, WebhookDispatcher
 from shared import subjects
 from shared.bus import (
     EventPublisher,
+    context_of,
     dead_letter,
     events_stream,
     key_value,
@@ -144,7 +145,7 @@ def build_app(settings: NotifierSettings) -> FastStream:
             if recorded(headers.get("traceparent")):
                 with tracer.start_as_current_span(
                     f"{raw.subject} process",
-                    context=propagate.extract(headers),
+                    context=context_of(raw),
                     kind=trace.SpanKind.CONSUMER,
                     attributes={
                         "messaging.system": "nats",
