@@ -22,7 +22,7 @@ from faststream.nats import JStream, NatsBroker, NatsMessage, NatsUserPassword, 
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.specification import AsyncAPI
 from nats.aio.msg import Msg
-from nats.js.api import KeyValueConfig, StreamConfig
+from nats.js.api import DiscardPolicy, KeyValueConfig, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
@@ -103,9 +103,19 @@ def events_stream(declare: bool, replicas: int = 1) -> JStream:
 
 
 async def declare_streams(
-    broker: NatsBroker, replicas: int = 1, max_age_s: float = 7 * 24 * 3600
+    broker: NatsBroker,
+    replicas: int = 1,
+    max_age_s: float = 7 * 24 * 3600,
+    max_per_subject: int = 8,
+    max_bytes: int = -1,
 ) -> None:
-    """Create or update the event and dead-letter streams (the owner calls this at start)."""
+    """Create or update the event and dead-letter streams (the owner calls this at start).
+
+    The event stream keeps at most `max_per_subject` events of one subject: every host's
+    inventory comes again each heartbeat, and kept whole it would grow by some 30 MB per host
+    and day until it filled the server's store, after which the server refuses every event.
+    Other subjects carry one event per window (a VM's) or per rollout (a host's), so only what
+    a newer event of the same subject superseded goes."""
     js = broker.config.connection_state.stream
     for config in (
         StreamConfig(
@@ -115,6 +125,9 @@ async def declare_streams(
             duplicate_window=DUPLICATE_WINDOW_S,
             num_replicas=replicas,
             max_age=max_age_s,
+            max_msgs_per_subject=max_per_subject,
+            max_bytes=max_bytes,
+            discard=DiscardPolicy.OLD,
         ),
         StreamConfig(
             name=DLQ_STREAM_NAME,
@@ -124,7 +137,36 @@ async def declare_streams(
             max_age=7 * 24 * 3600,
         ),
     ):
-        await _declare(js, config, deadline=time.monotonic() + NOT_READY_TIMEOUT_S)
+        before = await _declare(js, config, deadline=time.monotonic() + NOT_READY_TIMEOUT_S)
+        if config.name == subjects.STREAM_NAME and max_per_subject > 0 and before is not None:
+            previous = before.max_msgs_per_subject or -1
+            if previous <= 0 or previous > max_per_subject:
+                await _trim_subjects(js, max_per_subject)
+
+
+async def _trim_subjects(js: Any, keep: int) -> None:
+    """Trim what the event stream holds beyond a bound it was just given (an update from a
+    stream without one, or with a larger one). nats-server before 2.10.24 does not do it: it
+    then removes one old event of a subject per new one, and a week of heartbeats would stay.
+    The subjects that repeat are the inventories and the rollouts' status; others carry an event
+    per window or rollout. Best effort: what is not trimmed stays as large as it is."""
+    for family in (subjects.host_inventory(), subjects.rollout_status()):
+        try:
+            info = await js.stream_info(subjects.STREAM_NAME, subjects_filter=family)
+            over = {s: n for s, n in (info.state.subjects or {}).items() if n > keep}
+            for subject in over:
+                await js.purge_stream(subjects.STREAM_NAME, subject=subject, keep=keep)
+        except Exception as exc:  # noqa: BLE001 - the stream works untrimmed
+            log.warning("could not trim %s to %d events per subject: %s", family, keep, exc)
+            continue
+        if over:
+            log.info(
+                "%s: %d subjects trimmed to their last %d events (%d removed)",
+                family,
+                len(over),
+                keep,
+                sum(over.values()) - keep * len(over),
+            )
 
 
 NOT_READY_TIMEOUT_S = 60.0
@@ -154,17 +196,20 @@ async def _until_ready(what: str, attempt: Callable[[], Awaitable[T]], deadline:
             await asyncio.sleep(0.5)
 
 
-async def _declare(js: Any, config: StreamConfig, deadline: float) -> None:
+async def _declare(js: Any, config: StreamConfig, deadline: float) -> StreamConfig | None:
     """Create `config`'s stream, or update it when it exists, until `deadline` on a JetStream
-    that is not ready."""
+    that is not ready. Returns the config it had before an update (None: created, or the same)."""
 
-    async def attempt() -> None:
+    async def attempt() -> StreamConfig | None:
         try:
             await js.add_stream(config)
-        except BadRequestError:
-            await js.update_stream(config)  # it exists (with another config)
+            return None
+        except BadRequestError:  # it exists (with another config)
+            before = (await js.stream_info(config.name)).config
+            await js.update_stream(config)
+            return before  # type: ignore[no-any-return]
 
-    await _until_ready(f"stream {config.name}", attempt, deadline)
+    return await _until_ready(f"stream {config.name}", attempt, deadline)
 
 
 async def key_value(

@@ -26,6 +26,13 @@ class BusSettings(BaseSettings):
     """Replicas of the PAUSEPATCH stream and KV buckets (3 on a cluster)."""
     stream_max_age_s: float = 7 * 24 * 3600
     """How long events stay in the PAUSEPATCH stream."""
+    stream_max_per_subject: int = 8
+    """Events of one subject the PAUSEPATCH stream keeps; an older one goes when a newer one
+    comes (a host's inventory every heartbeat, a rollout's status). Every other subject holds
+    one event per window or rollout. -1: all of them."""
+    stream_max_bytes: int = -1
+    """The PAUSEPATCH stream's size: past it, its oldest events go. -1: no bound but the
+    server's store (a bound is reserved on the server's store when the stream is declared)."""
     state_dir: Path = Path(".state")
     """Local files a service keeps (host-agent's journal)."""
     log_format: str = "auto"

@@ -167,6 +167,8 @@ def planner() -> User:
             f"$JS.API.CONSUMER.DELETE.{STREAM}.planner-inventory",
             # Rollouts past their retention are purged from the bucket's stream by subject.
             f"$JS.API.STREAM.PURGE.KV_{ROLLOUTS_BUCKET}",
+            # Heartbeats beyond the stream's bound per subject, once, when the bound is added.
+            f"$JS.API.STREAM.PURGE.{STREAM}",
         ],
         subscribe=[subjects.rollout_command("*")],
         responds=True,

@@ -239,10 +239,18 @@ def build_app(settings: NotifierSettings) -> FastStream:
             log.warning("ignoring an unusable snapshot (%s): replaying the whole stream", exc)
             document.reset()
         if document.seq + 1 < info.state.first_seq:
-            log.warning(
-                "the stream starts at seq %d, after the snapshot's %d: events in between are lost",
+            # With a bound per subject, the oldest events go as soon as newer ones of their
+            # subject come (a host's inventory every heartbeat): a gap is what they superseded,
+            # unless the snapshot is older than the stream keeps anything.
+            per_subject = info.config.max_msgs_per_subject or -1
+            log.log(
+                logging.INFO if per_subject > 0 else logging.WARNING,
+                "the stream starts at seq %d, after the snapshot's %d: events in between were "
+                "superseded by later ones of their subject (the stream keeps %s per subject) "
+                "or aged out",
                 info.state.first_seq,
                 document.seq,
+                per_subject if per_subject > 0 else "every event",
             )
         js = broker.config.connection_state.stream
         replay.append(

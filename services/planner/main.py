@@ -369,7 +369,13 @@ def build_app(settings: PlannerSettings) -> FastStream:
     @app.on_startup
     async def startup() -> None:
         await broker.connect()
-        await declare_streams(broker, settings.stream_replicas, settings.stream_max_age_s)
+        await declare_streams(
+            broker,
+            settings.stream_replicas,
+            settings.stream_max_age_s,
+            settings.stream_max_per_subject,
+            settings.stream_max_bytes,
+        )
         lease_kv = await key_value(
             broker, LEASE_BUCKET, settings.stream_replicas, ttl=settings.lease_ttl_s
         )
