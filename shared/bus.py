@@ -108,6 +108,7 @@ async def declare_streams(
     max_age_s: float = 7 * 24 * 3600,
     max_per_subject: int = 8,
     max_bytes: int = -1,
+    dlq_max_msgs: int = 10_000,
 ) -> None:
     """Create or update the event and dead-letter streams (the owner calls this at start).
 
@@ -115,7 +116,8 @@ async def declare_streams(
     inventory comes again each heartbeat, and kept whole it would grow by some 30 MB per host
     and day until it filled the server's store, after which the server refuses every event.
     Other subjects carry one event per window (a VM's) or per rollout (a host's), so only what
-    a newer event of the same subject superseded goes."""
+    a newer event of the same subject superseded goes. The dead letters keep the newest
+    `dlq_max_msgs`: a publisher flooding the bus with bad input must not fill the store either."""
     js = broker.config.connection_state.stream
     for config in (
         StreamConfig(
@@ -135,6 +137,8 @@ async def declare_streams(
             storage=StorageType.FILE,
             num_replicas=replicas,
             max_age=7 * 24 * 3600,
+            max_msgs=dlq_max_msgs,
+            discard=DiscardPolicy.OLD,
         ),
     ):
         before = await _declare(js, config, deadline=time.monotonic() + NOT_READY_TIMEOUT_S)

@@ -30,6 +30,9 @@ class BusSettings(BaseSettings):
     """Events of one subject the PAUSEPATCH stream keeps; an older one goes when a newer one
     comes (a host's inventory every heartbeat, a rollout's status). Every other subject holds
     one event per window or rollout. -1: all of them."""
+    dlq_max_msgs: int = 10_000
+    """Dead letters the PAUSEPATCH_DLQ stream keeps (the newest; each holds at most 64 KiB of
+    its message): a flood of bad input must not fill the server's store. -1: all of them."""
     stream_max_bytes: int = -1
     """The PAUSEPATCH stream's size: past it, its oldest events go. -1: no bound but the
     server's store (a bound is reserved on the server's store when the stream is declared)."""

@@ -12,19 +12,22 @@ existed gets it when the planner starts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from pathlib import Path
 
 from nats.js.api import StorageType, StreamConfig
 from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from shared import subjects
+from shared.bus import DLQ_STREAM_NAME
 from shared.client import PlannerClient, connect
 from shared.contracts import HostInventory, VMInfo
 from shared.devstack import LocalStack
 from shared.settings import BusSettings
-from tests.support.fleet import wait_hosts
+from tests.support.fleet import wait_hosts, wait_stream
 
 HOSTS = [f"hv-{i:03d}" for i in range(50)]
 STORE_MB = 16
@@ -128,6 +131,44 @@ async def test_heartbeats_never_fill_the_store(workdir: Path) -> None:
                 break
             assert loop.time() < deadline, "the planner does not know the latest inventories"
             await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+        stack.stop()
+
+
+async def test_a_flood_of_bad_input_keeps_the_newest_dead_letters(workdir: Path) -> None:
+    """Dead letters are kept up to `PP_DLQ_MAX_MSGS`, the newest: a publisher flooding the bus
+    with bad input cannot fill the store (each dead letter holds up to 64 KiB of its message)."""
+    bound, sent = 20, 120
+    stack = LocalStack(workdir)
+    stack.start_nats()
+    nc = await connect(stack.nats_url)
+    js = nc.jetstream()
+    try:
+        stack.start_service("planner", "planner", PP_DLQ_MAX_MSGS=str(bound))
+        await wait_stream(nc)
+        for i in range(sent):  # one host each: the events stream keeps them all
+            await js.publish(subjects.host_inventory(f"bad-{i:03d}"), b"not an event %d" % i)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:
+            with contextlib.suppress(NotFoundError):
+                last = await js.get_last_msg(DLQ_STREAM_NAME, subjects.dead_letter("planner"))
+                if json.loads(last.data or b"{}")["subject"] == subjects.host_inventory(
+                    f"bad-{sent - 1:03d}"
+                ):
+                    break
+            assert loop.time() < deadline, "the last bad message was never dead-lettered"
+            await asyncio.sleep(0.1)
+        info = await js.stream_info(DLQ_STREAM_NAME)
+        assert info.config.max_msgs == bound
+        assert info.state.messages == bound
+        first = await js.get_msg(DLQ_STREAM_NAME, info.state.first_seq)
+        assert json.loads(first.data or b"{}")["subject"] == subjects.host_inventory(
+            f"bad-{sent - bound:03d}"
+        )
+        # And the planner goes on answering.
+        assert await PlannerClient(nc).hosts() == []
     finally:
         await nc.close()
         stack.stop()

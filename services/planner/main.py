@@ -375,6 +375,7 @@ def build_app(settings: PlannerSettings) -> FastStream:
             settings.stream_max_age_s,
             settings.stream_max_per_subject,
             settings.stream_max_bytes,
+            settings.dlq_max_msgs,
         )
         lease_kv = await key_value(
             broker, LEASE_BUCKET, settings.stream_replicas, ttl=settings.lease_ttl_s
