@@ -31,7 +31,7 @@ from tests.support.fleet import wait_hosts, wait_stream
 
 HOSTS = [f"hv-{i:03d}" for i in range(50)]
 STORE_MB = 16
-ROUNDS = 100  # 50 hosts x 100 rounds x ~3.4 KB: about 17 MB, more than the store holds
+ROUNDS = 100  # 50 hosts x 100 rounds x 3.4 KB: 17 MB, more than the store holds
 KEPT = BusSettings().stream_max_per_subject
 
 
