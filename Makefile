@@ -53,6 +53,7 @@ bench: setup qemu-up
 	$(PY) bench/bench_planner_scale.py
 	$(PY) bench/bench_inventory.py
 	$(PY) bench/bench_publish.py
+	$(PY) bench/bench_fetch.py
 	$(PY) bench/bench_pause.py --qemu
 	$(PY) bench/bench_notifier.py
 	$(PY) bench/bench_soak.py

@@ -22,6 +22,7 @@ from faststream.nats import JStream, NatsBroker, NatsMessage, NatsUserPassword, 
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.specification import AsyncAPI
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import DiscardPolicy, KeyValueConfig, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 from opentelemetry import context as otel_context
@@ -85,6 +86,28 @@ def _install_header_parser() -> None:
 
 
 _install_header_parser()
+
+
+async def _next_msg_ready_first(self: Subscription, timeout: float | None = 1.0) -> Msg:
+    """`Subscription.next_msg`, but a message already waiting is handed over at once.
+
+    nats-py makes two tasks, a timer and a random UUID (a system call) for every message it
+    hands over, even one already in the queue; a pull consumer's `fetch` takes each message of
+    a batch that way, and at fleet scale that was a tenth of the planner's time. What waits in
+    the queue is returned as nats-py itself would return it (counted off the pending size,
+    marked done); an empty queue goes the way it always did."""
+    queue = self._pending_queue
+    if queue.qsize() and self._cb is None and not self._conn.is_closed:
+        msg = queue.get_nowait()
+        self._pending_size -= len(msg.data)
+        queue.task_done()
+        return msg
+    return await _NEXT_MSG_NATS(self, timeout)
+
+
+_NEXT_MSG_NATS = Subscription.next_msg
+"""nats-py's own (for the bench that compares the two)."""
+Subscription.next_msg = _next_msg_ready_first  # type: ignore[method-assign]
 
 DLQ_STREAM_NAME = "PAUSEPATCH_DLQ"
 DLQ_COPY_BYTES = 64 * 1024

@@ -1,0 +1,104 @@
+"""The services' `Subscription.next_msg` (`shared.bus`) on a real nats-server: a pull consumer
+still reads every event once and in order, with nats-py's own accounting; an empty queue still
+waits and times out as nats-py's does; and the fetch bench measures both ways."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import ModuleType
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from shared import bus, subjects
+from shared.devstack import NatsServer
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
+    client = await nats.connect(nats_server.url)
+    js = client.jetstream()
+    await js.add_stream(name=subjects.STREAM_NAME, subjects=[subjects.EVENTS_ROOT])
+    yield client
+    await client.close()
+
+
+def test_the_services_next_msg_is_installed() -> None:
+    assert Subscription.next_msg is bus._next_msg_ready_first
+    assert bus._NEXT_MSG_NATS is not bus._next_msg_ready_first
+
+
+async def test_a_pull_consumer_reads_every_event_once_in_order(nc: Client) -> None:
+    js = nc.jetstream()
+    for i in range(700):
+        await js.publish(subjects.vm_resumed("h1", f"vm{i}"), str(i).encode())
+    sub = await js.pull_subscribe(
+        subjects.vm_resumed(),
+        durable="reader",
+        stream=subjects.STREAM_NAME,
+        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT),
+    )
+    read: list[int] = []
+    while len(read) < 700:
+        batch = await sub.fetch(256, timeout=2)
+        assert len(batch) <= 256
+        for msg in batch:
+            read.append(int(msg.data))
+            await msg.ack()
+    assert read == list(range(700))
+    # nats-py's own accounting of what is waiting is back to nothing.
+    assert sub._sub._pending_size == 0
+    assert sub._sub._pending_queue.qsize() == 0
+    # Every event delivered once and acknowledged (the server takes acks in its own time).
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        info = await js.consumer_info(subjects.STREAM_NAME, "reader")
+        if info.num_ack_pending == 0:
+            break
+        assert asyncio.get_running_loop().time() < deadline, info
+        await asyncio.sleep(0.05)
+    assert info.num_pending == 0 and info.num_redelivered == 0
+    assert info.delivered is not None and info.delivered.stream_seq == 700
+    # Nothing more: the next fetch waits for its timeout, as nats-py's does.
+    with pytest.raises(nats.errors.TimeoutError):
+        await sub.fetch(1, timeout=0.2)
+
+
+async def test_an_empty_subscription_waits_for_the_next_message(nc: Client) -> None:
+    sub = await nc.subscribe("pp.test.next")
+    with pytest.raises(nats.errors.TimeoutError):
+        await sub.next_msg(timeout=0.1)
+    await nc.publish("pp.test.next", b"late")
+    assert (await sub.next_msg(timeout=2)).data == b"late"
+    for i in range(3):  # already waiting: handed over at once, in order
+        await nc.publish("pp.test.next", str(i).encode())
+    await nc.flush()
+    assert [int((await sub.next_msg(timeout=2)).data) for _ in range(3)] == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[ModuleType]:
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("bench_fetch")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+async def test_the_fetch_bench_reads_every_event_both_ways(bench: ModuleType) -> None:
+    result = await bench.run(argparse.Namespace(events=600, rounds=2, out=None))
+    per = result["cpu_us_per_event_median"]
+    assert set(per) == {"nats-py next_msg", "services' next_msg"}
+    assert all(value > 0 for value in per.values())
+    assert result["vs_nats_py"]["nats-py next_msg"] == 1.0
+    assert Subscription.next_msg is bus._next_msg_ready_first  # put back after the bench
