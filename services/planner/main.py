@@ -178,7 +178,10 @@ def build_app(settings: PlannerSettings) -> FastStream:
         raws = [raw for _, raw in items]
 
         async def ack_all() -> None:
-            await asyncio.gather(*(raw.ack() for raw in raws))
+            # One after the other: an ack is a write to the connection's buffer, and a task
+            # each (`gather`) cost more than the acks themselves.
+            for raw in raws:
+                await raw.ack()
 
         engine().store.after_flush(ack_all)
         wake.set()
