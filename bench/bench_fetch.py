@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,13 +32,12 @@ import nats
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig
 from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_publish import bare, events
-from bench_soak import machine_speed, write_result
+from bench_soak import machine_speed, ways_summary, ways_table, write_result
 
 from shared import bus, subjects
 from shared.bus import declare_streams, make_broker
@@ -107,35 +105,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await broker.stop()
         finally:
             server.stop()
-    base = statistics.median(cpu["nats-py next_msg"])
     return {
         "events": args.events,
         "rounds": args.rounds,
         "batch": BATCH,
-        "cpu_us_per_event_median": {k: round(statistics.median(v), 1) for k, v in cpu.items()},
-        "cpu_us_per_event_worst": {k: round(max(v), 1) for k, v in cpu.items()},
-        "vs_nats_py": {k: round(statistics.median(v) / base, 2) for k, v in cpu.items()},
-        "events_per_s_median": {k: round(statistics.median(v)) for k, v in rate.items()},
+        **ways_summary(cpu, rate, "nats-py next_msg", "vs_nats_py"),
         "machine_speed": speed,
     }
 
 
-def table(result: dict[str, Any]) -> Table:
-    t = Table(
-        title=f"{result['events']:,} events per round, batches of {result['batch']}, "
+def table(result: dict[str, Any]) -> Any:
+    title = (
+        f"{result['events']:,} events per round, batches of {result['batch']}, "
         f"{result['rounds']} rounds"
     )
-    for col in ("reader", "CPU per event (median)", "worst round", "vs nats-py", "events/s"):
-        t.add_column(col, justify="right")
-    for name, us in result["cpu_us_per_event_median"].items():
-        t.add_row(
-            name,
-            f"{us:,.1f} µs",
-            f"{result['cpu_us_per_event_worst'][name]:,.1f} µs",
-            f"{result['vs_nats_py'][name]:.2f}",
-            f"{result['events_per_s_median'][name]:,}",
-        )
-    return t
+    return ways_table(result, title, "reader", "vs_nats_py", "vs nats-py")
 
 
 def main() -> None:

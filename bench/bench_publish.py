@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -32,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_soak import machine_speed, write_result
+from bench_soak import machine_speed, ways_summary, ways_table, write_result
 
 from shared import subjects
 from shared.bus import EventPublisher, declare_streams, make_broker
@@ -146,31 +144,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await broker.stop()
         finally:
             server.stop()
-    base = statistics.median(cpu["bare nats-py"])
     return {
         "events": args.events,
         "rounds": args.rounds,
-        "cpu_us_per_event_median": {k: round(statistics.median(v), 1) for k, v in cpu.items()},
-        "cpu_us_per_event_worst": {k: round(max(v), 1) for k, v in cpu.items()},
-        "vs_bare": {k: round(statistics.median(v) / base, 2) for k, v in cpu.items()},
-        "events_per_s_median": {k: round(statistics.median(v)) for k, v in rate.items()},
+        **ways_summary(cpu, rate, "bare nats-py", "vs_bare"),
         "machine_speed": speed,
     }
 
 
-def table(result: dict[str, Any]) -> Table:
-    t = Table(title=f"{result['events']:,} events per round, {result['rounds']} rounds")
-    for col in ("sender", "CPU per event (median)", "worst round", "vs bare", "events/s"):
-        t.add_column(col, justify="right")
-    for name, us in result["cpu_us_per_event_median"].items():
-        t.add_row(
-            name,
-            f"{us:,.1f} µs",
-            f"{result['cpu_us_per_event_worst'][name]:,.1f} µs",
-            f"{result['vs_bare'][name]:.2f}",
-            f"{result['events_per_s_median'][name]:,}",
-        )
-    return t
+def table(result: dict[str, Any]) -> Any:
+    title = f"{result['events']:,} events per round, {result['rounds']} rounds"
+    return ways_table(result, title, "sender", "vs_bare", "vs bare")
 
 
 def main() -> None:

@@ -67,6 +67,40 @@ def write_result(result: dict[str, Any], out: Path) -> None:
     print(f"wrote {out}")
 
 
+def ways_summary(
+    cpu: dict[str, list[float]], rate: dict[str, list[float]], baseline: str, ratio: str
+) -> dict[str, Any]:
+    """Per way, from its rounds: CPU per event (median, worst), the median's ratio to the
+    `baseline` way's (`ratio`), events per second (median)."""
+    base = statistics.median(cpu[baseline])
+    return {
+        "cpu_us_per_event_median": {k: round(statistics.median(v), 1) for k, v in cpu.items()},
+        "cpu_us_per_event_worst": {k: round(max(v), 1) for k, v in cpu.items()},
+        ratio: {k: round(statistics.median(v) / base, 2) for k, v in cpu.items()},
+        "events_per_s_median": {k: round(statistics.median(v)) for k, v in rate.items()},
+    }
+
+
+def ways_table(result: dict[str, Any], title: str, what: str, ratio: str, label: str) -> Any:
+    """A table of ways of doing one thing, measured against a baseline in the same run: CPU per
+    event (median, worst round), its ratio to the baseline's (`result[ratio]`, headed `label`),
+    events/s."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in (what, "CPU per event (median)", "worst round", label, "events/s"):
+        t.add_column(col, justify="right")
+    for name, us in result["cpu_us_per_event_median"].items():
+        t.add_row(
+            name,
+            f"{us:,.1f} µs",
+            f"{result['cpu_us_per_event_worst'][name]:,.1f} µs",
+            f"{result[ratio][name]:.2f}",
+            f"{result['events_per_s_median'][name]:,}",
+        )
+    return t
+
+
 def machine_speed() -> dict[str, float]:
     """How fast this machine is right now, at the two kinds of work the soak is made of (the
     soak's figures move with it from one hour to the next):
