@@ -586,7 +586,12 @@ class EventPublisher:
     """Publishes events to the `PAUSEPATCH` stream in order, with `Nats-Msg-Id` = `event_id`.
 
     Up to `window` queued events are written at once and their acks awaited together (the
-    connection keeps their order), so a burst (every VM of a host resuming) costs one round trip.
+    connection keeps their order), so a burst (every VM of a host resuming) costs one round trip;
+    and up to `depth` such windows are awaited at once: the next window is written while earlier
+    ones wait on their acks, so a busy server's ack time is paid once, not once per window. Acks
+    are settled window after window; once one fails, nothing new is written until every event
+    that failed, in that window and in those written after it, has been sent again in the order
+    emitted and stored (an outage, where everything fails, keeps the order).
 
     `emit` never waits: the event is queued with the caller's trace context and a background task
     publishes it, retrying with the same id (so JetStream stores it once) until the server acks.
@@ -608,9 +613,16 @@ class EventPublisher:
         retry_s: float = 0.5,
         ack_timeout_s: float = 5.0,
         window: int = 256,
+        depth: int = 4,
     ) -> None:
         self.broker = broker
         self.window = window
+        self.depth = depth
+        self._windows = asyncio.Semaphore(depth)
+        self._unsettled = 0  # events taken from the queue and not yet stored
+        self._written: asyncio.Queue[tuple[list[_Pending], list[_Outcome]]] = asyncio.Queue()
+        self._writing = asyncio.Lock()
+        self._settler: asyncio.Task[None] | None = None
         self.retry_s = retry_s
         self.ack_timeout_s = ack_timeout_s
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
@@ -626,6 +638,8 @@ class EventPublisher:
         """Start the background sender (idempotent)."""
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="event-publisher")
+        if self._settler is None or self._settler.done():
+            self._settler = asyncio.create_task(self._settle_all(), name="event-publisher-acks")
 
     def emit(self, event: Event) -> None:
         """Queue `event`; returns at once."""
@@ -647,71 +661,104 @@ class EventPublisher:
     async def drain(self, timeout: float = 5.0) -> bool:
         """Wait until everything queued is published; False on timeout."""
         deadline = time.monotonic() + timeout
-        while (self._queue.qsize() or self._busy) and time.monotonic() < deadline:
+        while (self._queue.qsize() or self._unsettled) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        return not (self._queue.qsize() or self._busy)
+        return not (self._queue.qsize() or self._unsettled)
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Drain, then stop the sender."""
         await self.drain(timeout)
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [t for t in (self._task, self._settler) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             try:
-                await self._task
+                await task
             except asyncio.CancelledError:
                 pass
-
-    _busy = False
 
     async def _run(self) -> None:
         while True:
             window = [await self._queue.get()]
             while len(window) < self.window and not self._queue.empty():
                 window.append(self._queue.get_nowait())
-            self._busy = True
+            self._unsettled += len(window)
+            acquired = False
             try:
-                await self._send_in_order(window)
-            finally:
-                self._busy = False
+                await self._windows.acquire()
+                acquired = True
+                async with self._writing:
+                    # One window after the other: the connection keeps their order.
+                    self._written.put_nowait((window, await self._write(window)))
+            except BaseException:  # cancelled: the publisher stopped
+                self._unsettled -= len(window)
+                if acquired:
+                    self._windows.release()
+                raise
 
-    async def _send_in_order(self, window: list[_Pending]) -> None:
-        """Publish a window of events: all written to the connection in order at once, then their
-        acks awaited together (one timer for the window, not one per event); whatever failed is
-        sent again (same ids, same order) until stored."""
-        while window:
-            outcomes: list[asyncio.Future[Any] | BaseException] = []
-            for pending in window:
-                try:
-                    outcomes.append(await self._send(pending))
-                except Exception as exc:  # noqa: BLE001 - not connected, closed...: sent again
-                    outcomes.append(exc)
-            acks = [o for o in outcomes if isinstance(o, asyncio.Future)]
-            if acks:
-                _, late = await asyncio.wait(acks, timeout=self.ack_timeout_s)
-                for ack in late:
-                    ack.cancel()
-            failed, reasons = [], []
-            for pending, outcome in zip(window, outcomes, strict=True):
-                reason = _failure(outcome)
-                if reason is not None:
-                    failed.append(pending)
-                    reasons.append(reason)
-                    continue
-                self.published += 1
-                self._counter.add(1, {"type": pending.event.type})
-                if pending.done is not None and not pending.done.done():
-                    pending.done.set_result(None)
-            if failed:
-                first = failed[0].event
-                log.warning(
-                    "publish of %d event(s) failed (first %s on %s: %s); retrying",
-                    len(failed),
-                    first.type,
-                    first.subject(),
-                    reasons[0],
-                )
-                await asyncio.sleep(self.retry_s)
-            window = failed
+    async def _settle_all(self) -> None:
+        """Settle the written windows in the order written; on a failure, send again what failed
+        before anything new is written."""
+        while True:
+            window, outcomes = await self._written.get()
+            slots = 1
+            try:
+                failed = await self._settle(window, outcomes)
+                if failed:
+                    async with self._writing:
+                        # The windows written after this one: their failures go after its own.
+                        while not self._written.empty():
+                            later, later_outcomes = self._written.get_nowait()
+                            slots += 1
+                            failed += await self._settle(later, later_outcomes)
+                        while failed:
+                            await asyncio.sleep(self.retry_s)
+                            failed = await self._settle(failed, await self._write(failed))
+            finally:
+                for _ in range(slots):
+                    self._windows.release()
+
+    async def _write(self, window: list[_Pending]) -> list[_Outcome]:
+        """Write every event of `window` to the connection; each outcome is its ack to come, or
+        why it could not be written."""
+        outcomes: list[_Outcome] = []
+        for pending in window:
+            try:
+                outcomes.append(await self._send(pending))
+            except Exception as exc:  # noqa: BLE001 - not connected, closed...: sent again
+                outcomes.append(exc)
+        return outcomes
+
+    async def _settle(self, window: list[_Pending], outcomes: list[_Outcome]) -> list[_Pending]:
+        """Await a written window's acks together (one timer for the window, not one per event);
+        answers what failed (in order), to be sent again with the same ids."""
+        acks = [o for o in outcomes if isinstance(o, asyncio.Future)]
+        if acks:
+            _, late = await asyncio.wait(acks, timeout=self.ack_timeout_s)
+            for ack in late:
+                ack.cancel()
+        failed, reasons = [], []
+        for pending, outcome in zip(window, outcomes, strict=True):
+            reason = _failure(outcome)
+            if reason is not None:
+                failed.append(pending)
+                reasons.append(reason)
+                continue
+            self.published += 1
+            self._unsettled -= 1
+            self._counter.add(1, {"type": pending.event.type})
+            if pending.done is not None and not pending.done.done():
+                pending.done.set_result(None)
+        if failed:
+            first = failed[0].event
+            log.warning(
+                "publish of %d event(s) failed (first %s on %s: %s); retrying",
+                len(failed),
+                first.type,
+                first.subject(),
+                reasons[0],
+            )
+        return failed
 
     async def _send(self, pending: _Pending) -> asyncio.Future[Any]:
         """Write one event to the connection; the future is its ack (a `PubAck`)."""
@@ -758,7 +805,11 @@ class EventPublisher:
         return ack
 
 
-def _failure(outcome: asyncio.Future[Any] | BaseException) -> str | None:
+_Outcome = asyncio.Future[Any] | BaseException
+"""A written event's ack to come, or why it could not be written."""
+
+
+def _failure(outcome: _Outcome) -> str | None:
     """Why a publish failed (its exception, its ack's error, no ack in time); None if stored."""
     if isinstance(outcome, BaseException):
         return str(outcome) or type(outcome).__name__

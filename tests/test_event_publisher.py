@@ -20,7 +20,7 @@ from shared.settings import BusSettings
 from shared.telemetry import setup_telemetry
 
 EVENTS = 300
-"""More than one window of the publisher (256)."""
+"""More than one window of the publisher (256 by default)."""
 
 
 def refusals(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -29,13 +29,20 @@ def refusals(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     ]
 
 
+@pytest.mark.parametrize(
+    ("window", "depth"),
+    [(256, 4), (16, 8)],
+    ids=["default-windows", "many-small-windows-in-flight"],
+)
 async def test_events_emitted_before_the_stream_exists_are_stored_once_in_order(
-    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture, window: int, depth: int
 ) -> None:
+    """Several windows are in flight when they fail: what failed is sent again, in the order
+    emitted, before anything emitted later is written (even once the stream exists)."""
     caplog.set_level(logging.WARNING, logger="shared.bus")
     broker = make_broker("host-agent", BusSettings(nats_url=nats_server.url), setup_telemetry("t"))
     await broker.connect()
-    publisher = EventPublisher(broker, retry_s=0.1, ack_timeout_s=2.0)
+    publisher = EventPublisher(broker, retry_s=0.5, ack_timeout_s=2.0, window=window, depth=depth)
     now = utcnow()
     events = [
         VMResumed(
@@ -53,7 +60,8 @@ async def test_events_emitted_before_the_stream_exists_are_stored_once_in_order(
     ]
     nc = await connect(nats_server.url)
     try:
-        for event in events:
+        first, later = events[: EVENTS - 40], events[EVENTS - 40 :]
+        for event in first:
             publisher.emit(event)
         # Nothing can be stored yet (no stream): the events are refused, kept and sent again.
         loop = asyncio.get_running_loop()
@@ -62,7 +70,11 @@ async def test_events_emitted_before_the_stream_exists_are_stored_once_in_order(
             assert loop.time() < deadline, "the publisher never said it was refused"
             await asyncio.sleep(0.05)
         assert publisher.published == 0
+        # The stream appears while the refused ones wait to be sent again, and more events come:
+        # they go after the refused ones, not before.
         await declare_streams(broker)
+        for event in later:
+            publisher.emit(event)
         assert await publisher.drain(timeout=20), f"{publisher.published} of {EVENTS} stored"
         assert publisher.published == EVENTS
 
