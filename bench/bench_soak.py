@@ -14,7 +14,10 @@ load (median, p99) against the direct loop's, each service's peak memory, and me
 every VM must have its five events (planned, paused, patched, resumed, clock). Prints a table,
 writes bench/results/soak.json.
 
-Usage: .venv/bin/python bench/bench_soak.py [--hosts 1000] [--vms 20] [--agents 10] [--cluster]
+Usage: .venv/bin/python bench/bench_soak.py [--hosts 1000] [--vms 20] [--agents 100] [--cluster]
+
+The agents run their windows at real-time priority (`PP_RT_PRIORITY`, `--rt-priority`; 0: off),
+and so do the direct loop's windows: the baseline gets what the agents get.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from services.host_agent.realtime import RealtimeWindows
 from shared.client import PlannerClient, connect
 from shared.contracts import VMResumed
 from shared.devstack import LocalStack, ServiceProcess, SimVM, temp_workdir
@@ -211,18 +215,29 @@ def peak_rss_mb(proc: ServiceProcess) -> float:
     return 0.0
 
 
-async def wait_hosts_known(client: PlannerClient, count: int, timeout: float) -> None:
-    """Until the planner's dry run covers every host (its inventory is complete)."""
+async def wait_hosts_known(
+    client: PlannerClient, count: int, timeout: float, stack: LocalStack | None = None
+) -> None:
+    """Until the planner's dry run covers every host (its inventory is complete). On timeout,
+    says how many it saw and which of the stack's processes had stopped, with their logs."""
     deadline = time.monotonic() + timeout
+    seen, last_error = 0, ""
     while time.monotonic() < deadline:
         try:
             plan = await client.plan({"update_id": "probe", "patch": {"duration_s": 0}})
-            if sum(len(w) for w in plan["waves"]) >= count:
+            seen = sum(len(w) for w in plan["waves"])
+            if seen >= count:
                 return
-        except Exception:  # noqa: BLE001 - not ready yet
-            pass
+        except Exception as exc:  # noqa: BLE001 - not ready yet
+            last_error = f"{type(exc).__name__}: {exc}"
         await asyncio.sleep(1)
-    raise TimeoutError("the planner never saw the whole fleet")
+    stopped = [p for p in (stack.services.values() if stack else []) if not p.running]
+    details = "".join(f"\n--- {p.name} (stopped) ---\n{p.log_tail(15)}" for p in stopped)
+    raise TimeoutError(
+        f"the planner saw {seen} of {count} hosts after {timeout:.0f} s"
+        + (f" (last error: {last_error})" if last_error else "")
+        + f"; {len(stopped)} process(es) stopped{details}"
+    )
 
 
 async def read_stream(url: str) -> list[tuple[str, dict[str, Any]]]:
@@ -251,7 +266,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     hosts = fleet(args.hosts, args.vms)
     speed = machine_speed()  # before anything else runs
     with temp_workdir("pausepatch-soak-") as workdir:
-        stack = LocalStack(workdir, extra_env={"PP_HEARTBEAT_S": "30", "PP_LOG_LEVEL": "WARNING"})
+        stack = LocalStack(
+            workdir,
+            extra_env={
+                "PP_HEARTBEAT_S": "30",
+                "PP_LOG_LEVEL": "WARNING",
+                "PP_RT_PRIORITY": str(args.rt_priority),
+            },
+        )
         if args.cluster:
             stack.start_nats_cluster(3)
         else:
@@ -266,7 +288,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 stack.add_sim_fleet(f"agents-{i}", {h: hosts[h] for h in chunk})
             nc = await connect(stack.nats_url)
             client = PlannerClient(nc, timeout=60)
-            await wait_hosts_known(client, len(hosts), 300)
+            await wait_hosts_known(client, len(hosts), 300, stack)
             request = {
                 "update_id": "soak",
                 "patch": {"duration_s": args.patch_s},
@@ -287,6 +309,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 args.notice_s,
                 args.patch_s,
                 args.notice_ahead_waves,
+                args.rt_priority,
             )
             pids = stack_pids(stack)
             cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
@@ -358,6 +381,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "hosts": args.hosts,
         "vms": len(all_vms),
         "agents": args.agents,
+        "rt_priority": args.rt_priority,
         "cluster": args.cluster,
         "waves": waves,
         "final_state": state["state"],
@@ -395,10 +419,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _direct_worker(conn: Any, nodes: dict[str, str], patch_s: float) -> None:
+def _direct_worker(conn: Any, nodes: dict[str, str], patch_s: float, rt_priority: int) -> None:
     """One worker of the direct loop: a libvirt connection per host it owns; for each wave, every
-    one of its hosts at once (a thread each): suspend every VM, the patch, resume every VM.
-    Answers each host's overhead (window minus patch, ms)."""
+    one of its hosts at once (a thread each): suspend every VM, the patch, resume every VM, at the
+    agents' real-time priority. Answers each host's overhead (window minus patch, ms)."""
+    realtime = RealtimeWindows(rt_priority)
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     domains = {}
     for host, path in nodes.items():
@@ -406,15 +431,20 @@ def _direct_worker(conn: Any, nodes: dict[str, str], patch_s: float) -> None:
         domains[host] = [d for d in hv.listAllDomains() if d.isActive()]
 
     def window(host: str) -> float:
-        opened = time.perf_counter()
-        for dom in domains[host]:
-            dom.suspend()
-        patch_from = time.perf_counter()
-        time.sleep(patch_s)
-        patch_to = time.perf_counter()
-        for dom in domains[host]:
-            dom.resume()
-        closed = time.perf_counter()
+        rt = realtime.enter()
+        try:
+            opened = time.perf_counter()
+            for dom in domains[host]:
+                dom.suspend()
+            patch_from = time.perf_counter()
+            time.sleep(patch_s)
+            patch_to = time.perf_counter()
+            for dom in domains[host]:
+                dom.resume()
+            closed = time.perf_counter()
+        finally:
+            if rt:
+                realtime.exit()
         return ((closed - opened) - (patch_to - patch_from)) * 1000
 
     with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
@@ -430,6 +460,7 @@ def direct_rollout(
     notice_s: float,
     patch_s: float,
     ahead: int,
+    rt_priority: int = 0,
 ) -> dict[str, float]:
     """The baseline: the same waves on the same schedule as `schedule_minimum` (a wave starts once
     the one before it finished and its own notice passed), each host's window a plain libvirt
@@ -441,7 +472,8 @@ def direct_rollout(
     for chunk in split_hosts(sorted(nodes), workers):
         ours, theirs = ctx.Pipe()
         proc = ctx.Process(
-            target=_direct_worker, args=(theirs, {h: nodes[h] for h in chunk}, patch_s)
+            target=_direct_worker,
+            args=(theirs, {h: nodes[h] for h in chunk}, patch_s, rt_priority),
         )
         proc.start()
         pipes.append(ours)
@@ -583,7 +615,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--hosts", type=int, default=1000)
     parser.add_argument("--vms", type=int, default=20)
-    parser.add_argument("--agents", type=int, default=10, help="host-agent processes")
+    parser.add_argument(
+        "--agents",
+        type=int,
+        default=100,
+        help="host-agent processes (10 hosts each: a real host has its own, and windows of one "
+        "process share its GIL)",
+    )
+    parser.add_argument(
+        "--rt-priority",
+        type=int,
+        default=10,
+        help="PP_RT_PRIORITY of the agents and of the direct loop's windows (0: off)",
+    )
     parser.add_argument("--in-flight", type=int, default=100)
     parser.add_argument("--notice-s", type=float, default=1.0)
     parser.add_argument("--patch-s", type=float, default=0.1)

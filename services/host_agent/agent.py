@@ -18,6 +18,7 @@ from services.host_agent.guest_clock import clock_action
 from services.host_agent.hypervisor import Hypervisor
 from services.host_agent.journal import HandledEvents, PauseJournal
 from services.host_agent.pause_window import PauseWindow, WindowRequest
+from services.host_agent.realtime import MAX_PRIORITY, shared_realtime
 from shared.bus import EventPublisher
 from shared.contracts import (
     MAX_PAUSE_BUDGET_S,
@@ -61,6 +62,9 @@ class HostAgentSettings(BusSettings):
     NATS reconnect, a start can wait this long (well within the planner's start timeout)."""
     resume_margin_s: float = 0.02
     """Resumes begin this long before the budget so that they end within it."""
+    rt_priority: int = Field(default=10, ge=0, le=MAX_PRIORITY)
+    """While a pause window is open the agent's threads run `SCHED_FIFO` at this priority (the
+    window's own thread) and one below (the others); 0: the normal policy. Needs CAP_SYS_NICE."""
     fleet_file: Path | None = None
     """Simulations: serve every host of this file (one JSON object per line) in one process."""
 
@@ -106,6 +110,7 @@ class HostAgent:
             resume_margin_s=settings.resume_margin_s,
             shutdown_timeout_s=settings.shutdown_timeout_s,
             lanes=1 if self.serial_calls else None,
+            realtime=shared_realtime(settings.rt_priority) if settings.rt_priority else None,
         )
         self._tasks: set[asyncio.Task[object]] = set()
         self._inventory_changed = asyncio.Event()

@@ -33,6 +33,7 @@ from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from services.host_agent.hypervisor import Hypervisor, HypervisorError
 from services.host_agent.journal import JournalEntry, PauseJournal
 from services.host_agent.patch import PatchResult, kill_group, run_patch
+from services.host_agent.realtime import RealtimeWindows
 from shared.contracts import (
     Event,
     EventType,
@@ -181,8 +182,11 @@ class PauseWindow:
         resume_give_up_s: float = 60.0,
         max_parallel_calls: int = 64,
         lanes: int | None = None,
+        realtime: RealtimeWindows | None = None,
     ) -> None:
         self.host = host
+        self.realtime = realtime
+        """Real-time priority while the window is open (None: the normal policy)."""
         self.hv = hypervisor
         self.journal = journal
         self.emit = emit
@@ -259,6 +263,20 @@ class PauseWindow:
     # ------------------------------------------------------------ the critical path (own thread)
 
     def _critical_path(
+        self,
+        req: WindowRequest,
+        loop: asyncio.AbstractEventLoop,
+        on_stopped: Callable[[dict[str, Call]], None],
+    ) -> _Path:
+        realtime = self.realtime is not None and self.realtime.enter()
+        try:
+            return self._path(req, loop, on_stopped)
+        finally:
+            if realtime:
+                assert self.realtime is not None
+                self.realtime.exit()
+
+    def _path(
         self,
         req: WindowRequest,
         loop: asyncio.AbstractEventLoop,
