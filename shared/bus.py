@@ -360,6 +360,7 @@ def make_broker(
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         connect_timeout=5,
+        js_options={"timeout": settings.js_api_timeout_s},
         # Replies and deliveries under this user's own prefix (its permissions allow no other).
         inbox_prefix=settings.inbox_prefix,
         # FastStream's own lines go through our handlers (JSON in containers) as well; its

@@ -36,6 +36,9 @@ class BusSettings(BaseSettings):
     stream_max_bytes: int = -1
     """The PAUSEPATCH stream's size: past it, its oldest events go. -1: no bound but the
     server's store (a bound is reserved on the server's store when the stream is declared)."""
+    js_api_timeout_s: float = 5.0
+    """How long a JetStream API request (creating or looking up a consumer, reading a stream's
+    state) waits for the server before it fails."""
     state_dir: Path = Path(".state")
     """Local files a service keeps (host-agent's journal)."""
     log_format: str = "auto"

@@ -11,6 +11,7 @@ from datetime import timedelta
 import pytest
 from nats.aio.msg import Msg
 
+from services.host_agent.agent import HostAgentSettings
 from shared import subjects
 from shared.bus import EventPublisher, declare_streams, make_broker
 from shared.client import connect
@@ -98,3 +99,22 @@ async def test_events_emitted_before_the_stream_exists_are_stored_once_in_order(
         await publisher.stop()
         await nc.close()
         await broker.stop()
+
+
+async def test_jetstream_requests_wait_as_long_as_the_settings_say(nats_server: NatsServer) -> None:
+    """A fleet of agents starting at once queues its consumer creations on JetStream: an agent
+    waits longer for them (60 s) than the other services (5 s), on the context every consumer
+    and stream request of its broker goes through."""
+    for settings, expected in (
+        (BusSettings(nats_url=nats_server.url), 5.0),
+        (HostAgentSettings(nats_url=nats_server.url, host="h1"), 60.0),
+        (BusSettings(nats_url=nats_server.url, js_api_timeout_s=12.5), 12.5),
+    ):
+        broker = make_broker("t", settings, setup_telemetry("t"))
+        await broker.connect()
+        try:
+            js = broker.config.connection_state.stream
+            assert js._jsm._timeout == expected  # what consumer_info / add_consumer wait
+            await declare_streams(broker)  # and the context works
+        finally:
+            await broker.stop()

@@ -62,6 +62,10 @@ class HostAgentSettings(BusSettings):
     NATS reconnect, a start can wait this long (well within the planner's start timeout)."""
     resume_margin_s: float = 0.02
     """Resumes begin this long before the budget so that they end within it."""
+    js_api_timeout_s: float = 60.0
+    """An agent creates its consumers when it starts: when a whole fleet starts at once (an
+    upgrade, a power event), their creations queue on JetStream for longer than the 5 s other
+    services wait (100 agent processes starting together on two cores: 22 of them gave up)."""
     rt_priority: int = Field(default=10, ge=0, le=MAX_PRIORITY)
     """While a pause window is open the agent's threads run `SCHED_FIFO` at this priority (the
     window's own thread) and one below (the others); 0: the normal policy. Needs CAP_SYS_NICE."""
