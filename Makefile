@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 # Debian packages: the NATS server, what libvirt-python compiles against, the compose validator,
-# systemd-analyze for unit checks, iproute2 for network namespaces.
+# systemd-analyze for unit checks, iproute2 for network namespaces, util-linux (chrt, setpriv,
+# prlimit) for the real-time window checks.
 SYSTEM_PACKAGES := nats-server libvirt-dev libvirt0 pkg-config gcc python3-dev python3-venv \
-	docker-compose iproute2 systemd
+	docker-compose iproute2 systemd util-linux
 
 .PHONY: setup system venv demo test test-fast lint bench qemu-up qemu-down clean
 
