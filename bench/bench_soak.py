@@ -431,8 +431,7 @@ def _direct_worker(conn: Any, nodes: dict[str, str], patch_s: float, rt_priority
         domains[host] = [d for d in hv.listAllDomains() if d.isActive()]
 
     def window(host: str) -> float:
-        rt = realtime.enter()
-        try:
+        with realtime.window():
             opened = time.perf_counter()
             for dom in domains[host]:
                 dom.suspend()
@@ -442,9 +441,6 @@ def _direct_worker(conn: Any, nodes: dict[str, str], patch_s: float, rt_priority
             for dom in domains[host]:
                 dom.resume()
             closed = time.perf_counter()
-        finally:
-            if rt:
-                realtime.exit()
         return ((closed - opened) - (patch_to - patch_from)) * 1000
 
     with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:

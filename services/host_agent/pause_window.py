@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -268,13 +269,8 @@ class PauseWindow:
         loop: asyncio.AbstractEventLoop,
         on_stopped: Callable[[dict[str, Call]], None],
     ) -> _Path:
-        realtime = self.realtime is not None and self.realtime.enter()
-        try:
+        with self.realtime.window() if self.realtime is not None else nullcontext():
             return self._path(req, loop, on_stopped)
-        finally:
-            if realtime:
-                assert self.realtime is not None
-                self.realtime.exit()
 
     def _path(
         self,

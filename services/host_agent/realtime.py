@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,16 @@ class RealtimeWindows:
             else:
                 # Other windows are open: this thread stays with the rest, below them.
                 self._set(0, os.SCHED_FIFO, max(1, self.priority - 1))
+
+    @contextmanager
+    def window(self) -> Iterator[bool]:
+        """`enter` and `exit` around a window's code, on its thread (yields what `enter` said)."""
+        entered = self.enter()
+        try:
+            yield entered
+        finally:
+            if entered:
+                self.exit()
 
     @property
     def open_windows(self) -> int:
