@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from shared.placement import placement_element
 
@@ -149,12 +150,17 @@ class NatsCluster:
     """A NATS cluster with JetStream on loopback: `size` servers routed to each other."""
 
     def __init__(self, workdir: Path, size: int = 3, config: str | None = None) -> None:
-        cluster_ports = [free_port() for _ in range(size)]
-        self.nodes = [
+        self.workdir, self.size, self.config = workdir, size, config
+        self.nodes = self._new_nodes()
+
+    def _new_nodes(self) -> list[NatsServer]:
+        """`size` nodes on free ports, each routed to the others."""
+        cluster_ports = [free_port() for _ in range(self.size)]
+        return [
             NatsServer(
-                workdir,
+                self.workdir,
                 name=f"n{i}",
-                config=config,
+                config=self.config,
                 cluster_port=port,
                 routes=[f"nats://127.0.0.1:{p}" for p in cluster_ports if p != port],
             )
@@ -167,24 +173,47 @@ class NatsCluster:
         return ",".join(node.url for node in self.nodes)
 
     def start(self, timeout: float = 30.0) -> NatsCluster:
-        """Start every node, then wait until JetStream has a meta leader (a quorum is up)."""
-        for node in self.nodes:
-            node.start(wait=False)
-        wait_until(self.has_leader, timeout, "a JetStream meta leader")
-        return self
+        """Start every node, then wait until the cluster is formed: a JetStream meta leader that
+        sees every other node as a current peer. A meta leader alone is a quorum, which is not
+        enough for a stream replicated on every node (its creation is refused until the last
+        node has joined); a node that exited is an error at once. A port that another process
+        took between `free_port()` and the node's start is not: the cluster starts again on new
+        ports (twice at most)."""
+        for attempt in range(3):
+            for node in self.nodes:
+                node.start(wait=False)
+            try:
+                wait_until(self.formed, timeout, f"a JetStream cluster of {self.size} nodes")
+                return self
+            except RuntimeError as exc:
+                self.stop()
+                if "address already in use" not in str(exc) or attempt == 2:
+                    raise
+                for node in self.nodes:  # a fresh start, nothing of the cluster that did not form
+                    shutil.rmtree(node.store_dir, ignore_errors=True)
+                self.nodes = self._new_nodes()
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def has_leader(self) -> bool:
-        """Some node reports a JetStream meta-cluster leader."""
+    def _meta(self, node: NatsServer) -> dict[str, Any]:
+        """`node`'s view of the meta cluster ({} while it does not answer)."""
+        try:
+            url = f"http://127.0.0.1:{node.monitor_port}/jsz"
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                meta: dict[str, Any] = json.load(resp).get("meta_cluster") or {}
+                return meta
+        except (OSError, ValueError):
+            return {}
+
+    def formed(self) -> bool:
+        """Every node runs, and the meta leader sees all the others as current peers."""
         for node in self.nodes:
             if node.proc is None or node.proc.poll() is not None:
-                continue
-            try:
-                url = f"http://127.0.0.1:{node.monitor_port}/jsz"
-                with urllib.request.urlopen(url, timeout=1) as resp:
-                    if json.load(resp).get("meta_cluster", {}).get("leader"):
-                        return True
-            except (OSError, ValueError):
-                continue
+                raise RuntimeError(f"nats-server {node.name} exited: {node.log_tail()}")
+        for node in self.nodes:
+            meta = self._meta(node)
+            if meta.get("leader") == node.name:
+                current = [r for r in meta.get("replicas") or [] if r.get("current")]
+                return len(current) == len(self.nodes) - 1
         return False
 
     def stop(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import httpx
 import nats.errors
+import pytest
 from nats.js.api import KeyValueConfig, StreamConfig
 
 from shared.bus import _declare, _open_bucket
@@ -328,5 +330,34 @@ async def test_streams_and_buckets_are_declared_once_the_cluster_can_place_them(
         assert (await kv.status()).bucket == "owned"
         assert (await js.stream_info("KV_owned")).config.num_replicas == 3
         await nc.close()
+    finally:
+        cluster.stop()
+
+
+async def test_a_cluster_is_ready_only_when_every_node_joined_and_a_taken_port_is_replaced(
+    workdir: Path,
+) -> None:
+    # A meta leader alone is a quorum of 2 out of 3: a stream on 3 replicas is still refused.
+    # The test cluster waits for every node, and a port taken between picking and starting
+    # makes it start again on new ports instead of running with a node short.
+    cluster = NatsCluster(workdir, 3)
+    taken = cluster.nodes[2].port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        cluster.start()
+    try:
+        assert taken not in [node.port for node in cluster.nodes]
+        assert all(node.proc is not None and node.proc.poll() is None for node in cluster.nodes)
+        nc = await connect(cluster.url)
+        js = nc.jetstream(timeout=5)
+        # At once, no retry: every node is a current peer of the meta leader.
+        await js.add_stream(StreamConfig(name="R3", subjects=["r3.>"], num_replicas=3))
+        placed = (await js.stream_info("R3")).cluster
+        assert placed is not None and len(placed.replicas or []) == 2
+        await nc.close()
+        cluster.nodes[1].stop(signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="n1"):
+            cluster.formed()
     finally:
         cluster.stop()

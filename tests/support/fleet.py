@@ -11,6 +11,7 @@ import httpx
 from nats.aio.client import Client
 
 from shared import subjects
+from shared.bus import NOT_READY_TIMEOUT_S
 from shared.client import CommandError, EventWatcher, PlannerClient
 from shared.contracts import RolloutStatus
 from shared.devstack import LocalStack, SimVM, free_port
@@ -42,8 +43,8 @@ def start_core(
     return url
 
 
-async def wait_stream(nc: Client, timeout: float = 20.0) -> None:
-    """Wait until the planner declared the stream."""
+async def wait_stream(nc: Client, timeout: float = NOT_READY_TIMEOUT_S) -> None:
+    """Wait until the planner declared the stream (as long as the planner itself tries)."""
     js = nc.jetstream()
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
@@ -76,10 +77,18 @@ async def wait_hosts(
 async def ready(
     stack: LocalStack, client: PlannerClient, watcher: EventWatcher, hosts: list[str]
 ) -> None:
-    """Stream declared, watcher running, every host known to the planner."""
-    await wait_stream(client.nc)
-    await watcher.start()
-    await wait_hosts(client, hosts)
+    """Stream declared, watcher running, every host known to the planner. On a timeout the
+    error carries the planner's log tail (and says whether it is still running)."""
+    try:
+        await wait_stream(client.nc)
+        await watcher.start()
+        await wait_hosts(client, hosts)
+    except TimeoutError as exc:
+        planner = stack.services.get("planner")
+        if planner is None:
+            raise
+        state = "running" if planner.running else f"exited {planner.proc and planner.proc.poll()}"
+        raise TimeoutError(f"{exc}; planner {state}, its log ends:\n{planner.log_tail()}") from exc
 
 
 async def wait_http(base_url: str, timeout: float = 60) -> None:
