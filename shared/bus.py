@@ -20,6 +20,7 @@ from faststream._internal.middlewares import BaseMiddleware
 from faststream.message import StreamMessage
 from faststream.nats import JStream, NatsBroker, NatsMessage, NatsUserPassword, StorageType
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from faststream.nats.subscriber.usecases.stream_pull_subscriber import BatchPullStreamSubscriber
 from faststream.specification import AsyncAPI
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -108,6 +109,53 @@ async def _next_msg_ready_first(self: Subscription, timeout: float | None = 1.0)
 _NEXT_MSG_NATS = Subscription.next_msg
 """nats-py's own (for the bench that compares the two)."""
 Subscription.next_msg = _next_msg_ready_first  # type: ignore[method-assign]
+
+IDLE_POLL_S = 5.0
+"""How long a batch subscriber waits for a first message once it found none in its gathering
+window (`PullSub.timeout`): one pull request per this many seconds on an idle subject."""
+
+
+async def _consume_batches(self: BatchPullStreamSubscriber) -> None:
+    """FastStream's loop of a batch pull subscriber, except while nothing comes.
+
+    FastStream fetches a batch for `PullSub.timeout` (50 ms here: what a batch waits for its
+    stragglers), then again, for ever: two requests to the server and two wake-ups of each side
+    every 50 ms on an idle subject. An idle planner (four batch subscribers) woke 200 times a
+    second and used 6 % of a core, and the server 4 % for it. Here, a gathering window that
+    found nothing is followed by one long poll for a single message (`IDLE_POLL_S`); the
+    message it brings is handed over with whatever follows it within the window. Under load
+    nothing changes: each batch is gathered as FastStream gathers it."""
+    assert self.subscription, "You should call `create_subscription` at first."
+    batch_size = self.pull_sub.batch_size
+    window = self.pull_sub.timeout or 0.05
+    subscription = self.subscription
+    while self.running:
+        messages: list[Msg] = []
+        deadline = time.monotonic() + window
+        try:
+            while len(messages) < batch_size and self.running:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    messages += await subscription.fetch(
+                        batch=batch_size - len(messages), timeout=remaining
+                    )
+                except nats.errors.TimeoutError:
+                    if messages:
+                        break
+                    # Idle: one request waits for the next message, however long it takes.
+                    messages = await subscription.fetch(batch=1, timeout=IDLE_POLL_S)
+                    deadline = time.monotonic() + window
+        except nats.errors.TimeoutError:
+            continue  # still idle
+        except (nats.errors.ConnectionClosedError, ServiceUnavailableError):
+            continue  # unprocessed messages stay unacknowledged for the server to redeliver
+        if messages and self.running:
+            await self.consume(messages)  # type: ignore[arg-type]
+
+
+BatchPullStreamSubscriber._consume_pull = _consume_batches  # type: ignore[method-assign]
 
 DLQ_STREAM_NAME = "PAUSEPATCH_DLQ"
 DLQ_COPY_BYTES = 64 * 1024

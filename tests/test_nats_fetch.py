@@ -11,10 +11,13 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import nats
 import pytest
+from faststream.nats import JStream, NatsBroker, PullSub
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig
 
@@ -84,6 +87,51 @@ async def test_an_empty_subscription_waits_for_the_next_message(nc: Client) -> N
         await nc.publish("pp.test.next", str(i).encode())
     await nc.flush()
     assert [int((await sub.next_msg(timeout=2)).data) for _ in range(3)] == [0, 1, 2]
+
+
+async def test_an_idle_batch_subscriber_asks_rarely_and_a_message_ends_its_wait(
+    nats_server: NatsServer, nc: Client
+) -> None:
+    # The server's side of the story: every pull request of the consumer, counted.
+    requests: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def count(_: Msg) -> None:
+        requests.append(loop.time())
+
+    await nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{subjects.STREAM_NAME}.idle", cb=count)
+    batches: list[int] = []
+    handled = asyncio.Event()
+    broker = NatsBroker(nats_server.url)
+
+    @broker.subscriber(
+        subjects.vm_resumed(),
+        stream=JStream(subjects.STREAM_NAME, declare=False),
+        durable="idle",
+        pull_sub=PullSub(batch_size=256, timeout=0.05, batch=True),
+    )
+    async def on_batch(body: list[Any]) -> None:
+        batches.append(len(body))
+        if sum(batches) == 30:
+            handled.set()
+
+    await broker.start()
+    try:
+        await asyncio.sleep(1.5)  # an idle stretch, observed
+        await nc.flush()
+        idle = len(requests)
+        # FastStream's own loop asks twice per 50 ms window: some 60 requests here.
+        assert 1 <= idle <= 4, requests
+        js = nc.jetstream()
+        sent = loop.time()
+        for i in range(30):
+            await js.publish(subjects.vm_resumed("h1", f"vm{i}"), b"{}")
+        # Well before the long poll would have ended by itself.
+        await asyncio.wait_for(handled.wait(), bus.IDLE_POLL_S / 2)
+        assert loop.time() - sent < bus.IDLE_POLL_S / 2
+        assert sum(batches) == 30 and len(batches) <= 10, batches
+    finally:
+        await broker.stop()
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ from services.planner.lease import Lease
 from services.planner.state import LeadershipLost, RolloutStore
 from shared import subjects
 from shared.bus import (
+    IDLE_POLL_S,
     EventPublisher,
     current_message,
     declare_streams,
@@ -145,8 +146,9 @@ def build_app(settings: PlannerSettings) -> FastStream:
             stream=stream,
             durable=f"planner-{name}",
             # One message per fetch (a larger batch waits for stragglers up to the timeout),
-            # handled by a pool of workers.
-            pull_sub=PullSub(batch_size=1, timeout=1.0),
+            # handled by a pool of workers. A fetch of one returns as soon as it comes: the
+            # timeout only says how often an idle subject is asked again.
+            pull_sub=PullSub(batch_size=1, timeout=IDLE_POLL_S),
             inbox_prefix=settings.pull_inbox,
             max_workers=16,
             ack_policy=AckPolicy.NACK_ON_ERROR,
