@@ -301,6 +301,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # driven by a plain libvirt loop over the same node files while the services idle.
             planned = await client.plan(request)
             nodes = {h: str(stack.workdir / "nodes" / f"{h}.xml") for h in names}
+            pids = stack_pids(stack)
+            idle_from = ({name: cpu_s(pid) for name, pid in pids.items()}, time.monotonic())
             direct = await asyncio.to_thread(
                 direct_rollout,
                 nodes,
@@ -311,8 +313,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 args.notice_ahead_waves,
                 args.rt_priority,
             )
-            pids = stack_pids(stack)
             cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
+            idle_cores = {
+                name: (cpu_before[name] - idle_from[0][name]) / (time.monotonic() - idle_from[1])
+                for name in pids
+            }
             switches_before = {name: context_switches(pid) for name, pid in pids.items()}
             started, submitted_at = time.monotonic(), time.time()
             summary = await client.submit(request)
@@ -411,6 +416,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "window_split_ms": split,
         "cpu_s_during_rollout": cpu,
         "cpu_s_total": round(sum(cpu.values()), 1),
+        # What the whole stack costs doing nothing (cores), measured while the direct loop ran.
+        "idle_cores": {
+            "total": round(sum(idle_cores.values()), 3),
+            "agents": round(sum(v for k, v in idle_cores.items() if k.startswith("agents")), 3),
+            **{k: round(v, 4) for k, v in idle_cores.items() if not k.startswith("agents")},
+        },
         "context_switches_during_rollout": switches,
         "context_switches_total": sum(switches.values()),
         "memory_peak_mb": memory,

@@ -110,9 +110,11 @@ _NEXT_MSG_NATS = Subscription.next_msg
 """nats-py's own (for the bench that compares the two)."""
 Subscription.next_msg = _next_msg_ready_first  # type: ignore[method-assign]
 
-IDLE_POLL_S = 5.0
+IDLE_POLL_S = 1.0
 """How long a batch subscriber waits for a first message once it found none in its gathering
-window (`PullSub.timeout`): one pull request per this many seconds on an idle subject."""
+window (`PullSub.timeout`): one pull request per this many seconds on an idle subject. Also how
+late, at most, the first message after a server restart is read: a pull request waiting when
+the server went away is gone with it, and the client only asks again once this has passed."""
 
 
 async def _consume_batches(self: BatchPullStreamSubscriber) -> None:

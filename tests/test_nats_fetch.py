@@ -90,8 +90,10 @@ async def test_an_empty_subscription_waits_for_the_next_message(nc: Client) -> N
 
 
 async def test_an_idle_batch_subscriber_asks_rarely_and_a_message_ends_its_wait(
-    nats_server: NatsServer, nc: Client
+    nats_server: NatsServer, nc: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A long idle poll, so that a message read within a fraction of it cannot be its end.
+    monkeypatch.setattr(bus, "IDLE_POLL_S", 5.0)
     # The server's side of the story: every pull request of the consumer, counted.
     requests: list[float] = []
     loop = asyncio.get_running_loop()
