@@ -10,6 +10,7 @@ import gc
 import json
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -22,8 +23,10 @@ from faststream.nats import JStream, NatsBroker, NatsMessage, NatsUserPassword, 
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.nats.subscriber.usecases.stream_pull_subscriber import BatchPullStreamSubscriber
 from faststream.specification import AsyncAPI
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, KeyValueConfig, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 from opentelemetry import context as otel_context
@@ -109,6 +112,81 @@ async def _next_msg_ready_first(self: Subscription, timeout: float | None = 1.0)
 _NEXT_MSG_NATS = Subscription.next_msg
 """nats-py's own (for the bench that compares the two)."""
 Subscription.next_msg = _next_msg_ready_first  # type: ignore[method-assign]
+
+
+class _Reconnects:
+    """The reconnects of one nats-py client, as futures: `next()` is resolved by the next one."""
+
+    def __init__(self, nc: NatsClient) -> None:
+        self._next: asyncio.Future[None] | None = None
+        previous = nc._reconnected_cb
+
+        async def reconnected() -> None:
+            if self._next is not None and not self._next.done():
+                self._next.set_result(None)
+            self._next = None
+            if previous is not None:
+                await previous()
+
+        nc._reconnected_cb = reconnected
+
+    def next(self) -> asyncio.Future[None]:
+        if self._next is None or self._next.done():
+            self._next = asyncio.get_running_loop().create_future()
+        return self._next
+
+
+_RECONNECTS: weakref.WeakKeyDictionary[NatsClient, _Reconnects] = weakref.WeakKeyDictionary()
+
+
+def _reconnects_of(nc: NatsClient) -> _Reconnects:
+    if nc not in _RECONNECTS:
+        _RECONNECTS[nc] = _Reconnects(nc)
+    return _RECONNECTS[nc]
+
+
+async def _fetch_asking_again(
+    self: JetStreamContext.PullSubscription,
+    batch: int = 1,
+    timeout: float | None = 5,
+    heartbeat: float | None = None,
+) -> list[Msg]:
+    """`PullSubscription.fetch`, but a pull request lost with its server is made again at once.
+
+    A fetch waits on a pull request that the server holds; a server that restarts forgets it,
+    and nats-py does not ask again when it reconnects: a 30 s fetch pending across a restart
+    returned after its 30 s, though an event was stored just after the reconnect. A host's start
+    then waited up to its agent's `PP_START_POLL_S`. Here, each reconnect during the fetch sends
+    the same request again for the time left, to the same inbox, and the fetch goes on: what it
+    brings is handed over as the first request's would have been. A request the server kept
+    (e.g. another cluster node took the client) is then asked twice: what comes beyond the batch
+    waits in the subscription's queue, where the next fetch takes it first."""
+    if timeout is None or self._sub is None:
+        return await _FETCH_NATS(self, batch, timeout, heartbeat)
+    reconnects = _reconnects_of(self._nc)
+    started = time.monotonic()
+    fetch = asyncio.ensure_future(_FETCH_NATS(self, batch, timeout, heartbeat))
+    try:
+        while True:
+            reconnected = reconnects.next()
+            await asyncio.wait((fetch, reconnected), return_when=asyncio.FIRST_COMPLETED)
+            if fetch.done():
+                return fetch.result()
+            left = timeout - (time.monotonic() - started)
+            if left > 0.01:
+                request = {"batch": batch, "expires": int(left * 1e9) - 100_000}
+                if heartbeat:
+                    request["idle_heartbeat"] = int(heartbeat * 1e9)
+                await self._nc.publish(self._nms, json.dumps(request).encode(), self._deliver)
+    finally:
+        if not fetch.done():  # this fetch was cancelled
+            fetch.cancel()
+
+
+_FETCH_NATS = JetStreamContext.PullSubscription.fetch
+"""nats-py's own."""
+JetStreamContext.PullSubscription.fetch = _fetch_asking_again  # type: ignore[method-assign]
+
 
 IDLE_POLL_S = 1.0
 """How long a batch subscriber waits for a first message once it found none in its gathering

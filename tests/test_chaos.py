@@ -4,6 +4,7 @@ and servers dying, agents killed mid-pause, every event delivered twice."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -17,6 +18,7 @@ import nats.errors
 import pytest
 from nats.js.api import KeyValueConfig, StreamConfig
 
+from shared import subjects
 from shared.bus import _declare, _open_bucket
 from shared.client import EventWatcher, PlannerClient, connect
 from shared.contracts import (
@@ -178,6 +180,47 @@ async def test_nats_restarted_mid_pause_window_never_lengthens_the_pause(
     each_once(events, rid, all_vms(HOSTS[:1]))
     assert sum(e["type"] == "HostPatched" for e in events) == 1
     assert sum(e["type"] == "MaintenanceCompleted" for e in events) == 1
+
+
+async def test_an_idle_agent_asks_for_its_start_again_as_soon_as_the_bus_is_back(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
+) -> None:
+    # An agent waits for its host's start on a pull request the server holds; a restarted
+    # server has forgotten it. Its polls here last a minute: the start must not wait for that.
+    client, watcher = bus
+    start_core(stack, notifier=False)
+    host = HOSTS[0]
+    stack.add_sim_host(
+        host, sim_vms([(f"{host}-web", "web", 0), (f"{host}-db", "db", 0)]), PP_START_POLL_S="60"
+    )
+    await ready(stack, client, watcher, [host])
+    durable = f"host-agent-{host}-started"
+    js = client.nc.jetstream()
+    loop = asyncio.get_running_loop()
+
+    async def waiting_requests(timeout: float) -> None:
+        deadline = loop.time() + timeout
+        while True:
+            with contextlib.suppress(nats.errors.Error):
+                if (await js.consumer_info(subjects.STREAM_NAME, durable)).num_waiting >= 1:
+                    return
+            assert loop.time() < deadline, "the agent's pull request is not on the server"
+            await asyncio.sleep(0.05)
+
+    await waiting_requests(30)
+    assert stack.nats is not None
+    stack.nats.stop(signal.SIGKILL)
+    stack.nats.start()
+    # The agent reconnects within a second or two (1 s between attempts) and asks again.
+    await waiting_requests(15)
+    rollout = await client.submit(
+        {"update_id": "after-restart", "patch": {"duration_s": 0.1}, "notice_s": 0}
+    )
+    rid = rollout["rollout_id"]
+    done = await watcher.wait_for(
+        lambda w: w.events(MaintenanceCompleted, rollout_id=rid), 20, "the host's window"
+    )
+    assert done[0].ok and len(done[0].vms) == 2
 
 
 async def test_host_agent_killed_mid_pause_resumes_from_its_journal_and_the_host_counts_failed(
