@@ -191,8 +191,8 @@ JetStreamContext.PullSubscription.fetch = _fetch_asking_again  # type: ignore[me
 IDLE_POLL_S = 1.0
 """How long a batch subscriber waits for a first message once it found none in its gathering
 window (`PullSub.timeout`): one pull request per this many seconds on an idle subject. Also how
-late, at most, the first message after a server restart is read: a pull request waiting when
-the server went away is gone with it, and the client only asks again once this has passed."""
+long a pull request that the server dropped while the client stayed connected can go unnoticed
+(one lost with a restarted server is made again on reconnect: `_fetch_asking_again`)."""
 
 
 async def _consume_batches(self: BatchPullStreamSubscriber) -> None:
@@ -224,13 +224,16 @@ async def _consume_batches(self: BatchPullStreamSubscriber) -> None:
                 except nats.errors.TimeoutError:
                     if messages:
                         break
-                    # Idle: one request waits for the next message, however long it takes.
+                    # Idle: one request waits for the next message, up to IDLE_POLL_S.
                     messages = await subscription.fetch(batch=1, timeout=IDLE_POLL_S)
                     deadline = time.monotonic() + window
         except nats.errors.TimeoutError:
             continue  # still idle
         except (nats.errors.ConnectionClosedError, ServiceUnavailableError):
-            continue  # unprocessed messages stay unacknowledged for the server to redeliver
+            # Unprocessed messages stay unacknowledged for the server to redeliver; a closed
+            # connection or a JetStream not ready is not asked again at once, in a loop.
+            await asyncio.sleep(0.1)
+            continue
         if messages and self.running:
             await self.consume(messages)  # type: ignore[arg-type]
 

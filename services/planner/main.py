@@ -147,8 +147,7 @@ def build_app(settings: PlannerSettings) -> FastStream:
             durable=f"planner-{name}",
             # One message per fetch (a larger batch waits for stragglers up to the timeout),
             # handled by a pool of workers. A fetch of one returns as soon as it comes: the
-            # timeout says how often an idle subject is asked again (and how late the first
-            # message after a server restart may be read).
+            # timeout says how often an idle subject is asked again.
             pull_sub=PullSub(batch_size=1, timeout=IDLE_POLL_S),
             inbox_prefix=settings.pull_inbox,
             max_workers=16,
