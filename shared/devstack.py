@@ -179,7 +179,8 @@ class NatsCluster:
         node has joined); a node that exited is an error at once. A port that another process
         took between `free_port()` and the node's start is not: the cluster starts again on new
         ports (twice at most)."""
-        for attempt in range(3):
+        restarts = 2
+        while True:
             for node in self.nodes:
                 node.start(wait=False)
             try:
@@ -187,12 +188,12 @@ class NatsCluster:
                 return self
             except RuntimeError as exc:
                 self.stop()
-                if "address already in use" not in str(exc) or attempt == 2:
+                if "address already in use" not in str(exc) or restarts == 0:
                     raise
-                for node in self.nodes:  # a fresh start, nothing of the cluster that did not form
-                    shutil.rmtree(node.store_dir, ignore_errors=True)
-                self.nodes = self._new_nodes()
-        raise AssertionError("unreachable: the last attempt returns or raises")
+            restarts -= 1
+            for node in self.nodes:  # a fresh start, nothing of the cluster that did not form
+                shutil.rmtree(node.store_dir, ignore_errors=True)
+            self.nodes = self._new_nodes()
 
     def _meta(self, node: NatsServer) -> dict[str, Any]:
         """`node`'s view of the meta cluster ({} while it does not answer)."""
