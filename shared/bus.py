@@ -9,12 +9,14 @@ import base64
 import gc
 import json
 import logging
+import signal
 import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import anyio
 import nats.errors
 from faststream import FastStream
 from faststream._internal.middlewares import BaseMiddleware
@@ -527,12 +529,68 @@ def settle_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+class ServiceApp(FastStream):
+    """FastStream's app, except that `run` waits for its exit instead of looking for it.
+
+    FastStream's `run` checks every 0.1 s whether it should stop: ten wake-ups a second of every
+    idle process, each a pass of the event loop and anyio's sleep. The soak's 100 idle agent
+    processes spent about 0.15 of a core on it. Here `exit()` (SIGINT, SIGTERM, or a service's
+    own call, from any thread) sets an event that `run` awaits; start, stop, hooks and errors are
+    FastStream's own."""
+
+    _exit_requested: asyncio.Event | None = None
+    _run_loop: asyncio.AbstractEventLoop | None = None
+
+    async def run(
+        self,
+        log_level: int = logging.INFO,
+        run_extra_options: dict[str, Any] | None = None,
+        sleep_time: float = 0.1,  # FastStream's signature; nothing is polled here
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self._run_loop, self._exit_requested = loop, asyncio.Event()
+        if self._should_exit:
+            self._exit_requested.set()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        for sig in signals:
+            loop.add_signal_handler(sig, self.exit)
+        try:
+            async with self.lifespan_context(**(run_extra_options or {})):
+                try:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._startup, log_level, run_extra_options)
+                        await self._exit_requested.wait()
+                        await self._shutdown(log_level)
+                        tg.cancel_scope.cancel()
+                except ExceptionGroup as group:
+                    for exc in group.exceptions:
+                        raise exc from None
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
+    def exit(self) -> None:
+        """Stop the app (thread-safe)."""
+        super().exit()
+        loop, requested = self._run_loop, self._exit_requested
+        if loop is None or requested is None or loop.is_closed():
+            return
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is loop:
+            requested.set()
+        else:
+            loop.call_soon_threadsafe(requested.set)
+
+
 def make_app(
     broker: NatsBroker, service: str, description: str, documented: NatsBroker | None = None
 ) -> FastStream:
     """The FastStream app of a service, with its AsyncAPI description; `documented`: a broker
     never connected, whose subscribers describe what the service consumes without FastStream."""
-    app = FastStream(
+    app = ServiceApp(
         broker,
         logger=logging.getLogger(f"pausepatch.faststream.{service}"),
         specification=AsyncAPI(
