@@ -40,3 +40,12 @@ async def test_a_clients_status_messages_are_read_by_it() -> None:
         "Nats-Pending-Messages": "1",
         "Nats-Pending-Bytes": "0",
     }
+
+
+async def test_every_message_is_read_by_our_parser_and_keys_with_white_space_are_dropped() -> None:
+    """Not the e-mail parser, and not nats-py's `fast_parse` path (it scans every key for white
+    space): what nats-py kept from a regular message's headers is what it keeps now."""
+    assert nats_client.parse_email is None  # type: ignore[attr-defined]
+    client = nats_client.Client()
+    raw = b"NATS/1.0\r\nNats-Msg-Id: 3f1c\r\nBad Key: x\r\n  padded :  v \r\nEmpty:\r\n\r\n"
+    assert await client._process_headers(raw) == {"Nats-Msg-Id": "3f1c", "padded": "v", "Empty": ""}
