@@ -11,7 +11,8 @@ from typing import Any
 import anyio
 import pytest
 from faststream.nats import NatsBroker
-from nats.js.errors import KeyNotFoundError
+from nats.aio.client import Client
+from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from services.planner.lease import LEASE_KEY
 from shared.bus import ServiceApp
@@ -90,6 +91,21 @@ async def test_an_exit_asked_before_run_stops_the_app_once_started(
     assert hooks == ["on_shutdown"]
 
 
+async def held_lease(nc: Client, timeout: float = 30.0) -> None:
+    """Wait until a planner holds the lease (the stream is declared before the lease is taken)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            lease = await nc.jetstream().key_value("pp_planner_lease")
+            if (await lease.get(LEASE_KEY)).value:
+                return
+        except (NotFoundError, KeyNotFoundError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no planner took the lease within {timeout:.0f} s")
+        await asyncio.sleep(0.05)
+
+
 async def test_a_service_process_stops_at_once_on_sigterm(stack: LocalStack) -> None:
     """A real planner process: active (it holds the lease), SIGTERM, gone at once with exit code
     0, and its shutdown hook ran (it gave the lease up)."""
@@ -97,9 +113,8 @@ async def test_a_service_process_stops_at_once_on_sigterm(stack: LocalStack) -> 
     nc = await connect(stack.nats_url)
     try:
         await wait_stream(nc)
+        await held_lease(nc)
         lease = await nc.jetstream().key_value("pp_planner_lease")
-        held = await lease.get(LEASE_KEY)
-        assert held.value
         stopping = time.monotonic()
         code = await asyncio.to_thread(planner.stop, 10.0)
         took = time.monotonic() - stopping
