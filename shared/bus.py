@@ -535,6 +535,11 @@ def settle_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+STARTING_GRACE_S = 10.0
+"""An exit asked while a service starts waits this long for the start to end (then it is
+cancelled, as FastStream cancels it)."""
+
+
 class ServiceApp(FastStream):
     """FastStream's app, except that `run` waits for its exit instead of looking for it.
 
@@ -564,8 +569,21 @@ class ServiceApp(FastStream):
             async with self.lifespan_context(**(run_extra_options or {})):
                 try:
                     async with anyio.create_task_group() as tg:
-                        tg.start_soon(self._startup, log_level, run_extra_options)
+                        started = asyncio.Event()
+
+                        async def start() -> None:
+                            await self._startup(log_level, run_extra_options)
+                            started.set()
+
+                        tg.start_soon(start)
                         await self._exit_requested.wait()
+                        if not started.is_set():
+                            # Asked to stop while starting (a SIGTERM just after the start):
+                            # the start finishes first, for a while, so that the shutdown does
+                            # not close the connection under it (FastStream's own run only
+                            # made that race less likely, with its 0.1 s look).
+                            with anyio.move_on_after(STARTING_GRACE_S):
+                                await started.wait()
                         await self._shutdown(log_level)
                         tg.cancel_scope.cancel()
                 except ExceptionGroup as group:

@@ -91,6 +91,37 @@ async def test_an_exit_asked_before_run_stops_the_app_once_started(
     assert hooks == ["on_shutdown"]
 
 
+async def test_an_exit_asked_while_starting_lets_the_start_finish_first(
+    nats_server: NatsServer,
+) -> None:
+    """A SIGTERM just after a service started used to stop it halfway through its start (the
+    connection drained under a subscriber being created: a traceback, exit code 1)."""
+    app = ServiceApp(NatsBroker(nats_server.url))
+    starting, go_on = asyncio.Event(), asyncio.Event()
+    hooks: list[str] = []
+
+    @app.on_startup
+    async def up() -> None:
+        starting.set()
+        await go_on.wait()
+        hooks.append("started")
+
+    @app.after_startup
+    async def after() -> None:
+        hooks.append("after_startup")
+
+    @app.on_shutdown
+    async def down() -> None:
+        hooks.append("on_shutdown")
+
+    run = asyncio.create_task(app.run())
+    await asyncio.wait_for(starting.wait(), 5)
+    app.exit()
+    go_on.set()
+    await asyncio.wait_for(run, 5)
+    assert hooks == ["started", "after_startup", "on_shutdown"]
+
+
 async def held_lease(nc: Client, timeout: float = 30.0) -> None:
     """Wait until a planner holds the lease (the stream is declared before the lease is taken)."""
     deadline = time.monotonic() + timeout
