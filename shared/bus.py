@@ -597,15 +597,7 @@ class ServiceApp(FastStream):
         """Stop the app (thread-safe)."""
         super().exit()
         loop, requested = self._run_loop, self._exit_requested
-        if loop is None or requested is None or loop.is_closed():
-            return
-        try:
-            here = asyncio.get_running_loop()
-        except RuntimeError:
-            here = None
-        if here is loop:
-            requested.set()
-        else:
+        if loop is not None and requested is not None and not loop.is_closed():
             loop.call_soon_threadsafe(requested.set)
 
 

@@ -11,14 +11,12 @@ from typing import Any
 import anyio
 import pytest
 from faststream.nats import NatsBroker
-from nats.aio.client import Client
-from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.errors import KeyNotFoundError
 
 from services.planner.lease import LEASE_KEY
 from shared.bus import ServiceApp
 from shared.client import connect
-from shared.devstack import LocalStack, NatsServer
-from tests.support.fleet import wait_stream
+from shared.devstack import LocalStack, NatsServer, wait_until
 
 
 def counting_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
@@ -122,30 +120,17 @@ async def test_an_exit_asked_while_starting_lets_the_start_finish_first(
     assert hooks == ["started", "after_startup", "on_shutdown"]
 
 
-async def held_lease(nc: Client, timeout: float = 30.0) -> None:
-    """Wait until a planner holds the lease (the stream is declared before the lease is taken)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            lease = await nc.jetstream().key_value("pp_planner_lease")
-            if (await lease.get(LEASE_KEY)).value:
-                return
-        except (NotFoundError, KeyNotFoundError):
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no planner took the lease within {timeout:.0f} s")
-        await asyncio.sleep(0.05)
-
-
 async def test_a_service_process_stops_at_once_on_sigterm(stack: LocalStack) -> None:
     """A real planner process: active (it holds the lease), SIGTERM, gone at once with exit code
     0, and its shutdown hook ran (it gave the lease up)."""
     planner = stack.start_service("planner", "planner")
+    await asyncio.to_thread(
+        wait_until, lambda: "lease acquired" in planner.log_path.read_text(), 60, "the planner"
+    )
     nc = await connect(stack.nats_url)
     try:
-        await wait_stream(nc)
-        await held_lease(nc)
         lease = await nc.jetstream().key_value("pp_planner_lease")
+        assert (await lease.get(LEASE_KEY)).value
         stopping = time.monotonic()
         code = await asyncio.to_thread(planner.stop, 10.0)
         took = time.monotonic() - stopping
