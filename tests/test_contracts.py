@@ -15,10 +15,13 @@ from shared.contracts import (
     EVENT_TYPES,
     ClockAction,
     Event,
+    HostInventory,
     InvalidMessage,
     MaintenanceStarted,
     PatchSpec,
+    RepeatedInventories,
     RolloutSubmit,
+    VMInfo,
     VMPaused,
     VMResumed,
     parse_event,
@@ -140,4 +143,59 @@ def test_reading_from_the_bytes_gives_what_reading_the_json_gives() -> None:
             assert fast == slow, (name, subject)
     assert _outcome(lambda: parse_event_bytes(b"\x00\xffnot json", (VMPaused,)))[0] == (
         "InvalidMessage"
+    )
+
+
+def test_a_repeated_inventory_reads_as_a_full_reading_of_it_would() -> None:
+    """An inventory whose bytes after its envelope repeat the last one read on its subject is
+    not validated again (`RepeatedInventories`); whatever comes, the reading is the same as
+    reading the JSON in full, and what differs (VMs, host, a malformed envelope) is read in full."""
+    on = subjects.host_inventory("h1")
+    vms = [
+        VMInfo(vm=f"v{i}", uuid=str(uuid.uuid4()), state="running", ip=f"10.0.0.{i}")
+        for i in range(3)
+    ]
+
+    def inventory(host: str, vms: list[VMInfo]) -> HostInventory:
+        return HostInventory(host=host, vms=vms, hypervisor="Test")
+
+    first = inventory("h1", vms)
+    paused = [vms[0].model_copy(update={"state": "paused"}), *vms[1:]]
+    beat = first.model_copy(update={"event_id": uuid.uuid4(), "occurred_at": utcnow()})
+    body = beat.to_json()
+    messages = {
+        "first": first.model_dump_json().encode(),
+        "heartbeat": beat.model_dump_json().encode(),
+        "heartbeat, at an offset": json.dumps(
+            {**body, "occurred_at": "2026-11-26T21:30:00.5+01:00"}, separators=(",", ":")
+        ).encode(),
+        "heartbeat, no microseconds": json.dumps(
+            {**body, "occurred_at": "2026-11-26T20:30:00Z"}, separators=(",", ":")
+        ).encode(),
+        "heartbeat, without an offset": json.dumps(
+            {**body, "occurred_at": "2026-11-26T20:30:00"}, separators=(",", ":")
+        ).encode(),
+        "heartbeat, a bad id": json.dumps(
+            {**body, "event_id": "not-a-uuid"}, separators=(",", ":")
+        ).encode(),
+        "a VM paused": inventory("h1", paused).model_dump_json().encode(),
+        "the heartbeat again": beat.model_dump_json().encode(),
+        "another host's": inventory("h2", vms).model_dump_json().encode(),
+        "the heartbeat, once more": beat.model_dump_json().encode(),
+    }  # fmt: skip
+    for name, data in messages.items():
+        fast = _outcome(partial(parse_event_bytes, data, (HostInventory,), on))
+        slow = _outcome(partial(parse_event, json.loads(data), (HostInventory,), on))
+        assert fast == slow, name
+    # The heartbeat is read without validating its VMs again, into the same event.
+    repeated = RepeatedInventories()
+    data = beat.model_dump_json().encode()
+    assert repeated.repeated(data, on) is None  # nothing kept yet
+    repeated.keep(first.model_dump_json().encode(), on, first)
+    read = repeated.repeated(data, on)
+    assert read == beat and read.event_id != first.event_id
+    assert repeated.repeated(data, subjects.host_inventory("h2")) is None
+    assert (
+        repeated.repeated(HostInventory(host="h1", vms=paused).model_dump_json().encode(), on)
+        is None
     )
