@@ -425,12 +425,14 @@ def parse_event_bytes(
 
 
 _INVENTORY_ENVELOPE = re.compile(
-    rb'\{"type":"HostInventory",'
-    rb'"event_id":"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})",'
-    rb'"occurred_at":"([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?'
-    rb'(?:Z|[+-][0-9]{2}:[0-9]{2}))",'
+    rb'\s*\{\s*"type"\s*:\s*"HostInventory"\s*,'
+    rb'\s*"event_id"\s*:\s*"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"\s*,'
+    rb'\s*"occurred_at"\s*:\s*'
+    rb'"([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?'
+    rb'(?:Z|[+-][0-9]{2}:[0-9]{2}))"\s*,'
 )
-"""The envelope of an inventory as our agents write it (pydantic's JSON, fields in order)."""
+"""The envelope of an inventory as our agents write it (its type, id and time first, in the
+models' order), with or without spaces."""
 
 
 class RepeatedInventories:

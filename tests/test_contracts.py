@@ -169,6 +169,8 @@ def test_a_repeated_inventory_reads_as_a_full_reading_of_it_would() -> None:
         "heartbeat, at an offset": json.dumps(
             {**body, "occurred_at": "2026-11-26T21:30:00.5+01:00"}, separators=(",", ":")
         ).encode(),
+        "heartbeat, spaced": json.dumps(body).encode(),
+        "heartbeat, spaced, again": json.dumps(body).encode(),
         "heartbeat, no microseconds": json.dumps(
             {**body, "occurred_at": "2026-11-26T20:30:00Z"}, separators=(",", ":")
         ).encode(),

@@ -211,6 +211,30 @@ def test_heartbeats_and_other_scopes_changes_never_move_an_incarnation() -> None
     assert document.render(solo, "2020-07-01") == before == {"DocumentIncarnation": 0, "Events": []}
 
 
+def test_a_repeated_inventory_changes_nothing_yet_takes_back_an_address_as_a_full_read_does() -> (
+    None
+):
+    document = fed(inventory("h1"), inventory("h2"))
+    document.take_moved_scopes()
+    web_1 = Caller("web-1", "h1", ("set", "web"))
+    document.apply(inventory("h1", T0 + timedelta(seconds=10)))  # a heartbeat
+    assert document.take_moved_scopes() == set()
+    assert caller(document, "10.0.0.1") == web_1
+    # h2 now reports web-1's address for a VM of its own (h1 has not reported since).
+    newcomer = VMInfo(
+        vm="web-3", uuid="web-3", availability_set="web", update_domain=1, ip="10.0.0.1",
+        state="running",
+    )  # fmt: skip
+    h2 = inventory("h2", T0 + timedelta(seconds=11))
+    document.apply(h2.model_copy(update={"vms": [*h2.vms, newcomer]}))
+    assert caller(document, "10.0.0.1") == Caller("web-3", "h2", ("set", "web"))
+    document.take_moved_scopes()
+    # h1's next heartbeat lists what its last one did: read in full, it takes the address back.
+    document.apply(inventory("h1", T0 + timedelta(seconds=20)))
+    assert caller(document, "10.0.0.1") == web_1
+    assert ("set", "web") in document.take_moved_scopes()
+
+
 def test_an_aborted_rollout_removes_its_events_and_a_reannounce_moves_not_before() -> None:
     e1 = uuid.uuid4()
     document = fed(inventory("h1"), planned("h1", e1))

@@ -382,6 +382,8 @@ class ScheduledEventsDocument:
         return changes
 
     def _on_inventory(self, event: HostInventory) -> None:
+        if self._repeats(event):
+            return  # a heartbeat: nothing below would change
         before: dict[str, Caller] = {}
         for name in self.host_vms.pop(event.host, []):
             ip = self.placement[name].ip if name in self.placement else None
@@ -402,6 +404,22 @@ class ScheduledEventsDocument:
         self.host_vms[event.host] = names
         for gone in before.values():
             self._moved.add(gone.scope)
+
+    def _repeats(self, event: HostInventory) -> bool:
+        """The host's inventory lists what its last one did, in the same order, and each address
+        it gives still names its VM on this host: reading it again would change nothing."""
+        names = self.host_vms.get(event.host)
+        if names is None or len(names) != len(event.vms):
+            return False
+        for name, vm in zip(names, event.vms, strict=True):
+            known = self.placement.get(name)
+            if name != vm.vm or (known is not vm and known != vm):
+                return False
+            if vm.ip:
+                caller = self.callers.get(vm.ip)
+                if caller is None or caller.host != event.host or caller.vm != name:
+                    return False
+        return True
 
     def take_moved_scopes(self) -> set[Scope | None]:
         """Scopes whose callers changed since the last call (None: the unknown callers)."""
