@@ -203,6 +203,65 @@ async def test_a_wave_gets_its_notice_while_the_wave_before_it_is_patched(fleet:
     assert h2[0].not_before == fleet.clock.now + timedelta(seconds=20)
 
 
+async def test_the_next_wave_starts_before_the_finished_one_is_stored_and_said(
+    fleet: Fleet, nats_server: NatsServer
+) -> None:
+    await three_waves(fleet, notice_ahead_waves=1)
+    await fleet.tick(0)
+    await fleet.tick(20)
+    assert started_hosts(fleet.published) == ["h0"]
+    await fleet.finish_started_hosts()
+    fleet.published.clear()
+    await fleet.tick(0)  # wave 0 finishes; wave 1 (noticed ahead, notice passed) starts
+    kinds = [type(e).__name__ for e in fleet.published]
+    first_start = kinds.index("MaintenanceStarted")
+    status = next(
+        i
+        for i, e in enumerate(fleet.published)
+        if isinstance(e, RolloutStatus) and e.waves_done == 1
+    )
+    assert first_start < status, kinds  # the start waits on no write of the rollout
+    rollout = next(iter(fleet.engine.rollouts.values()))
+    await fleet.engine.store.flush()
+
+    nc = await connect(nats_server.url)
+    try:
+        kv = await nc.jetstream().key_value("rollouts_test")
+        entry = await kv.get(f"r.{rollout.rollout_id}")
+        assert entry.value is not None and json.loads(entry.value)["current_wave"] == 1
+
+        # A standby that took over after h1's start but before the rollout said wave 1: wave 0
+        # is current again, finished; it moves on and starts nothing twice.
+        rewound = json.loads(entry.value) | {"current_wave": 0, "wave_noticed": True}
+        await kv.put(f"r.{rollout.rollout_id}", json.dumps(rewound).encode())
+        republished: list[Event] = []
+
+        async def publish(event: Event) -> None:
+            republished.append(event)
+
+        standby = RolloutEngine(
+            RolloutStore(kv, nc.jetstream(), "rollouts_test"),
+            publish,
+            TracerProvider().get_tracer("t"),
+            now=fleet.clock,
+        )
+        await standby.load()
+        for i in range(3):  # the inventory a standby reads before it takes over
+            standby.on_inventory(
+                HostInventory(
+                    host=f"h{i}", vms=[vm(f"v{i}", None, None)], occurred_at=fleet.clock.now
+                )
+            )
+        assert standby.rollouts[rollout.rollout_id].current_wave == 0
+        await standby.advance()
+        theirs = standby.rollouts[rollout.rollout_id]
+        assert theirs.current_wave == 1 and theirs.state == "running"
+        assert started_hosts(republished) == []  # h1 was started, and stored so
+        assert standby.hosts[(rollout.rollout_id, "h1")].state == "started"
+    finally:
+        await nc.close()
+
+
 async def test_without_notice_ahead_each_wave_waits_its_whole_notice(fleet: Fleet) -> None:
     await three_waves(fleet, notice_ahead_waves=0)
     await fleet.tick(0)

@@ -575,8 +575,16 @@ class RolloutEngine:
 
     async def _advance(self, rollout: Rollout) -> None:
         # A finished wave is followed by the next one at once, not at the next tick.
-        while await self._advance_wave(rollout) and rollout.state == "running":
-            pass
+        moved = False
+        try:
+            while await self._advance_wave(rollout) and rollout.state == "running":
+                moved = True
+        finally:
+            if moved:
+                # The new current wave, stored and said once its hosts are started, or could
+                # not be (`_next_wave`).
+                await self.store.save_rollout(rollout)
+                await self._status(rollout)
 
     async def _advance_wave(self, rollout: Rollout) -> bool:
         """Move the current wave forward; True once it finished and the next one is current."""
@@ -736,6 +744,13 @@ class RolloutEngine:
             runs = self.host_runs(rollout.rollout_id)
             failed = sum(r.state == "failed" for r in runs)
             rollout.note(f"completed: {sum(r.state == 'done' for r in runs)} ok, {failed} failed")
+        elif rollout.state == "running":
+            # The next wave's hosts are started first (`_advance` stores the rollout and says
+            # its status then): two round trips to the bus less between one wave and the next.
+            # A planner taking over before that store finds the finished wave current, moves on
+            # from it again, and starts only what is not started yet (each host's record is
+            # written with its start; a start published again has the same id).
+            return
         await self.store.save_rollout(rollout)
         await self._status(rollout)
 
