@@ -13,7 +13,6 @@ from shared.contracts import (
     ClockSynced,
     HostInventory,
     HostPatched,
-    MaintenanceCompleted,
     MaintenancePlanned,
     VMPaused,
     VMResumed,
