@@ -105,3 +105,36 @@ async def test_an_old_copy_of_a_synced_resume_asks_no_agent_and_reports_nothing_
     await client.nc.flush()
     assert len(asked) == 1, asked
     assert len(watcher.events(ClockSynced, vm=resume.vm)) == 1
+
+
+async def test_a_result_carries_on_the_trace_of_its_resume_from_a_replica_that_exports_nothing(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
+) -> None:
+    client, watcher = bus
+    start_core(stack, notifier=False, clock_sync=False)
+    # A replica that exports no traces (the stack's services export to the test's receiver).
+    stack.start_service("clock-sync", "clock_sync", (), OTEL_TRACES_EXPORTER="none")
+    stack.add_sim_host(HOST, sim_vms([(f"{HOST}-a", None, None)]))
+    await ready(stack, client, watcher, [HOST])
+    now = utcnow()
+    resume = VMResumed(
+        host=HOST,
+        vm=f"{HOST}-a",
+        rollout_id="r-traced",
+        paused_at=now - timedelta(seconds=1),
+        resumed_at=now,
+        paused_ms=1000.0,
+        budget_ms=30000.0,
+    )
+    trace_id, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    await client.nc.jetstream().publish(
+        resume.subject(),
+        resume.model_dump_json().encode(),
+        headers={"Nats-Msg-Id": str(resume.event_id), "traceparent": f"00-{trace_id}-{parent}-00"},
+    )
+    await watcher.wait_for(lambda w: w.events(ClockSynced, vm=resume.vm), 20, "the result")
+    stored = await client.nc.jetstream().get_last_msg(
+        subjects.STREAM_NAME, subjects.vm_clock(HOST, resume.vm)
+    )
+    # The resume's trace, unrecorded, and no span of clock-sync's own in between.
+    assert (stored.headers or {})["traceparent"] == f"00-{trace_id}-{parent}-00"

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import TracerProvider, sampling
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.host_agent.journal import JournalEntry, PauseJournal
 from services.host_agent.libvirt_hypervisor import LibvirtHypervisor
@@ -126,3 +129,57 @@ async def test_reboot_maintenance_shuts_vms_down_and_starts_them_again(
     for name in ("a", "b", "c"):
         assert conn.lookupByName(name).state()[0] == libvirt.VIR_DOMAIN_RUNNING
     assert {o.outcome for o in result.vms if o.vm != "off"} == {"resumed"}
+
+
+Seen = list[tuple[Event, trace.SpanContext]]
+
+
+def traced_window(
+    hv: LibvirtHypervisor, journal: PauseJournal, provider: TracerProvider
+) -> tuple[PauseWindow, Seen]:
+    """A window whose events are kept with the trace context current when each was emitted."""
+    seen: Seen = []
+
+    def emit(event: Event) -> None:
+        seen.append((event, trace.get_current_span().get_span_context()))
+
+    pause = PauseWindow(
+        "h1",
+        hv,
+        journal,
+        emit,
+        provider.get_tracer("test"),
+        MeterProvider().get_meter("test"),
+        lanes=1,
+    )
+    return pause, seen
+
+
+async def test_each_vm_has_its_span_in_a_recorded_window_and_none_in_an_unrecorded_one(
+    hv: VanishingHypervisor, tmp_path: Path
+) -> None:
+    # Recorded (an exporting agent): a `vm.pause` span per VM, current for its two events.
+    exporter = InMemorySpanExporter()
+    recorded = TracerProvider()
+    recorded.add_span_processor(SimpleSpanProcessor(exporter))
+    pause, seen = traced_window(hv, PauseJournal(tmp_path / "1.json"), recorded)
+    await pause.run(request(PatchSpec(duration_s=0.01)))
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert {"vm.pause a", "vm.pause b", "vm.pause c"} <= set(spans)
+    per_vm = [(e, ctx) for e, ctx in seen if isinstance(e, VMPaused | VMResumed)]
+    assert len(per_vm) == 6
+    for event, ctx in per_vm:
+        span_context = spans[f"vm.pause {event.vm}"].context  # type: ignore[attr-defined]
+        assert span_context is not None and ctx.span_id == span_context.span_id
+    # Not recorded (an agent that exports no traces): no span per VM; every VM's events carry
+    # the window's own trace context on.
+    unrecorded = TracerProvider(sampler=sampling.ParentBased(sampling.ALWAYS_OFF))
+    pause, seen = traced_window(hv, PauseJournal(tmp_path / "2.json"), unrecorded)
+    await pause.run(request(PatchSpec(duration_s=0.01)))
+    per_vm = [(e, ctx) for e, ctx in seen if isinstance(e, VMPaused | VMResumed)]
+    assert len(per_vm) == 6
+    contexts = {(ctx.trace_id, ctx.span_id) for _, ctx in per_vm}
+    assert len(contexts) == 1
+    window_context = per_vm[0][1]
+    assert window_context.is_valid and not window_context.trace_flags.sampled
+    assert {ctx.trace_id for _, ctx in seen} == {window_context.trace_id}

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -24,6 +26,7 @@ from faststream.nats import PullSub
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.js.errors import NotFoundError
+from opentelemetry import context as otel_context
 from pydantic import ValidationError
 
 from services.clock_sync.batcher import HostBatcher
@@ -114,10 +117,18 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
         for _ in range(count):
             in_flight.release()
 
+    def in_trace(event: VMResumed, raw: Msg) -> AbstractContextManager[object]:
+        """The VM's `clock.sync` span, in the trace of its pause. A process that exports no
+        traces records none: the pause's trace context is then made current as it came (its
+        result carries it on), without a span made and ended for nothing per VM."""
+        if telemetry.exporting:
+            return tracer.start_as_current_span(f"clock.sync {event.vm}", context=context_of(raw))
+        return attached(context_of(raw))
+
     async def sync_one(event: VMResumed, raw: Msg) -> None:
         """One resumed VM, in the trace of its pause."""
         with (
-            tracer.start_as_current_span(f"clock.sync {event.vm}", context=context_of(raw)),
+            in_trace(event, raw),
             log_context(rollout=event.rollout_id, host=event.host, vm=event.vm),
         ):
             try:
@@ -216,6 +227,16 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
         telemetry.shutdown()
 
     return app
+
+
+@contextmanager
+def attached(context: otel_context.Context) -> Iterator[None]:
+    """`context` current for the block."""
+    token = otel_context.attach(context)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 def _ms(value: float | None) -> str:

@@ -382,17 +382,26 @@ class PauseWindow:
     # ------------------------------------------------------------ events and spans (the loop)
 
     def _stopped(self, req: WindowRequest, stops: dict[str, Call], context: object) -> None:
-        """VMPaused per stopped VM, inside its `vm.pause` span (opened at the stop call)."""
+        """VMPaused per stopped VM, inside its `vm.pause` span (opened at the stop call).
+
+        In a window that is not recorded (no trace of it goes anywhere), no VM's span would be:
+        the window's own span stands for them (what travels on is the same trace), which spares
+        each VM a span made, given attributes and ended for nothing."""
+        window = trace.get_current_span(context)  # type: ignore[arg-type]
         for vm, call in stops.items():
-            span = self.tracer.start_span(
-                f"vm.pause {vm}",
-                context=context,  # type: ignore[arg-type]
-                start_time=call.issued_ns,
-                attributes={
-                    "pp.host": self.host,
-                    "pp.vm": vm,
-                    "pp.rollout_id": req.rollout_id or "",
-                },
+            span = (
+                self.tracer.start_span(
+                    f"vm.pause {vm}",
+                    context=context,  # type: ignore[arg-type]
+                    start_time=call.issued_ns,
+                    attributes={
+                        "pp.host": self.host,
+                        "pp.vm": vm,
+                        "pp.rollout_id": req.rollout_id or "",
+                    },
+                )
+                if window.is_recording()
+                else window
             )
             if call.error is not None:
                 span.set_status(Status(StatusCode.ERROR, f"could not be stopped: {call.error}"))
@@ -471,9 +480,11 @@ class PauseWindow:
         error = start.error if start.error is not None else ("stalled" if start.stalled else None)
         self._pause_hist.record(paused_ms, {"host": self.host, "forced": path.forced})
         span = self._spans.pop(stop.vm)
-        span.set_attribute("pp.paused_ms", paused_ms)
-        span.set_attribute("pp.forced", path.forced)
-        if error is not None:
+        recording = span.is_recording()
+        if recording:
+            span.set_attribute("pp.paused_ms", paused_ms)
+            span.set_attribute("pp.forced", path.forced)
+        if error is not None and recording:
             span.set_status(Status(StatusCode.ERROR, error))
         with trace.use_span(span, end_on_exit=False):
             self.emit(
@@ -490,7 +501,8 @@ class PauseWindow:
                     error=error,
                 )
             )
-        span.end(end_time=end_ns)
+        if recording:
+            span.end(end_time=end_ns)
         if error is not None:
             return VMWindowOutcome(
                 vm=stop.vm, outcome="failed", paused_ms=paused_ms, detail=f"not started: {error}"
