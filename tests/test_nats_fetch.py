@@ -136,6 +136,55 @@ async def test_an_idle_batch_subscriber_asks_rarely_and_a_message_ends_its_wait(
         await broker.stop()
 
 
+async def test_a_batch_is_handed_over_at_the_end_of_its_burst_and_fills_under_load(
+    nats_server: NatsServer, nc: Client
+) -> None:
+    batches: list[int] = []
+    handled = asyncio.Event()
+    wanted = {"count": 20}
+    broker = NatsBroker(nats_server.url)
+    window_s = 3.0  # a long gathering window: a burst handed over well before it ends
+
+    @broker.subscriber(
+        subjects.vm_resumed(),
+        stream=JStream(subjects.STREAM_NAME, declare=False),
+        durable="bursts",
+        pull_sub=PullSub(batch_size=256, timeout=window_s, batch=True),
+    )
+    async def on_batch(body: list[Any]) -> None:
+        batches.append(len(body))
+        if sum(batches) >= wanted["count"]:
+            handled.set()
+
+    js = nc.jetstream()
+    loop = asyncio.get_running_loop()
+    await broker.start()
+    try:
+        # A burst (a host's VMs resuming together), all stored before the first is read.
+        acks = [
+            await js.publish_async(subjects.vm_resumed("h1", f"vm{i}"), b"{}") for i in range(20)
+        ]
+        await asyncio.gather(*acks)
+        stored = loop.time()
+        await asyncio.wait_for(handled.wait(), window_s / 2)
+        assert loop.time() - stored < window_s / 2
+        assert sum(batches) == 20 and len(batches) <= 3, batches
+    finally:
+        await broker.stop()
+    # Under load (600 events waiting when the subscriber starts), the batches fill.
+    batches.clear()
+    handled.clear()
+    wanted["count"] = 600
+    acks = [await js.publish_async(subjects.vm_resumed("h2", f"vm{i}"), b"{}") for i in range(600)]
+    await asyncio.gather(*acks)
+    await broker.start()
+    try:
+        await asyncio.wait_for(handled.wait(), 30)
+        assert sum(batches) == 600 and max(batches) == 256, batches
+    finally:
+        await broker.stop()
+
+
 @pytest.mark.parametrize("batch", [1, 16])
 async def test_a_fetch_waiting_across_a_server_restart_asks_again_once_reconnected(
     workdir: Path, batch: int
