@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from services.host_agent.agent import HostAgent, HostAgentSettings
@@ -15,6 +14,7 @@ from shared.bus import EventPublisher, make_broker
 from shared.contracts import Event, HostInventory, VMInfo
 from shared.devstack import SimVM, sim_node_xml
 from shared.telemetry import setup_telemetry
+from tests.support.fleet import eventually
 
 
 class RecordingPublisher(EventPublisher):
@@ -38,14 +38,6 @@ class CountingHypervisor(LibvirtHypervisor):
         return result
 
 
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 def make_agent(
     tmp_path: Path, heartbeat_s: float
 ) -> tuple[HostAgent, CountingHypervisor, RecordingPublisher]:
@@ -65,16 +57,16 @@ async def test_a_listing_that_finds_nothing_new_publishes_nothing_and_a_change_d
     agent, hv, publisher = make_agent(tmp_path, heartbeat_s=600)
     task = asyncio.create_task(agent.heartbeat())
     try:
-        await until(lambda: len(publisher.inventories) == 1, "the first inventory")
+        await eventually(lambda: len(publisher.inventories) == 1, "the first inventory")
         assert {vm.state for vm in publisher.inventories[0].vms} == {"running"}
         # What a window does when it closes: the host is listed again, and nothing changed.
         agent.inventory_changed()
-        await until(lambda: hv.listings >= 2, "the host listed again")
+        await eventually(lambda: hv.listings >= 2, "the host listed again")
         # Then a real change. Had the listing above been published, it would be the second
         # inventory, with every VM running.
         hv.connection.lookupByName("vm-1").suspend()
         agent.inventory_changed()
-        await until(lambda: len(publisher.inventories) >= 2, "the changed inventory")
+        await eventually(lambda: len(publisher.inventories) >= 2, "the changed inventory")
         states = {vm.vm: vm.state for vm in publisher.inventories[1].vms}
         assert states == {"vm-0": "running", "vm-1": "paused", "vm-2": "running"}
     finally:
@@ -89,13 +81,13 @@ async def test_the_heartbeat_stays_due_after_the_last_inventory_published(
     agent, hv, publisher = make_agent(tmp_path, heartbeat_s=heartbeat_s)
     task = asyncio.create_task(agent.heartbeat())
     try:
-        await until(lambda: len(publisher.inventories) == 1, "the first inventory")
+        await eventually(lambda: len(publisher.inventories) == 1, "the first inventory")
         first = time.monotonic()
         # A listing that finds nothing new, halfway to the heartbeat, must not put it off.
         await asyncio.sleep(heartbeat_s / 2)
         agent.inventory_changed()
-        await until(lambda: hv.listings >= 2, "the host listed again")
-        await until(lambda: len(publisher.inventories) == 2, "the heartbeat", timeout=10)
+        await eventually(lambda: hv.listings >= 2, "the host listed again")
+        await eventually(lambda: len(publisher.inventories) == 2, "the heartbeat", timeout=10)
         late = time.monotonic() - first
         # The heartbeat, due `heartbeat_s` after the first (not the listing halfway, published;
         # nor a heartbeat put off by it, 1.5 x `heartbeat_s` after the first).

@@ -3,7 +3,6 @@ receiver, order is kept per URL, transient refusals are retried, permanent ones 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import uuid
@@ -15,6 +14,7 @@ import pytest
 
 from services.notifier.document import Change, DeferPolicy, ScheduledEventsDocument
 from services.notifier.webhooks import RetryPolicy, WebhookDispatcher
+from tests.support.fleet import eventually
 from tests.test_notifier_document import T0, inventory, planned, started
 
 
@@ -76,14 +76,6 @@ def changes() -> list[Change]:
     return found
 
 
-async def wait_until(predicate: Any, timeout: float = 20) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.02)
-
-
 def dispatcher(url: str) -> WebhookDispatcher:
     retry = RetryPolicy(max_attempts=4, backoff_s=0.05, backoff_max_s=0.2, timeout_s=10)
     return WebhookDispatcher([url], DeferPolicy(), retry, queue_max=100)
@@ -97,12 +89,12 @@ async def test_push_never_waits_on_a_stuck_receiver_and_keeps_the_order(
     receiver.gate.clear()  # the receiver hangs on the first request
     scheduled, start = changes()
     push.push(scheduled)
-    await wait_until(lambda: receiver.attempts == ["scheduled"])
+    await eventually(lambda: receiver.attempts == ["scheduled"], "the first attempt", 20)
     for _ in range(20):
         push.push(start)  # returns at once: the delivery task is the one waiting
     assert len(push.targets[0].queue) == 20
     receiver.gate.set()
-    await wait_until(lambda: len(receiver.delivered) == 21)
+    await eventually(lambda: len(receiver.delivered) == 21, "21 deliveries", 20)
     assert [d["type"] for d in receiver.delivered[:2]] == [
         "io.pausepatch.scheduledevent.scheduled",
         "io.pausepatch.scheduledevent.started",
@@ -128,7 +120,7 @@ async def test_transient_refusals_are_retried_and_permanent_ones_dropped(
     # The receiver records an attempt before it answers; the dispatcher counts the outcome after
     # the answer arrives, so wait on the dispatcher's own counters.
     target = push.targets[0]
-    await wait_until(lambda: target.delivered + target.dropped == 2)
+    await eventually(lambda: target.delivered + target.dropped == 2, "both events settled", 20)
     assert receiver.attempts == ["scheduled"] * 4 + ["started"]
     assert [d["type"].rsplit(".", 1)[1] for d in receiver.delivered] == ["scheduled"]
     assert target.delivered == 1 and target.dropped == 1

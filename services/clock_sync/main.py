@@ -15,8 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from datetime import timedelta
 from typing import Any
 
@@ -26,7 +25,7 @@ from faststream.nats import PullSub
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.js.errors import NotFoundError
-from opentelemetry import context as otel_context
+from opentelemetry import trace
 from pydantic import ValidationError
 
 from services.clock_sync.batcher import HostBatcher
@@ -119,11 +118,12 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
 
     def in_trace(event: VMResumed, raw: Msg) -> AbstractContextManager[object]:
         """The VM's `clock.sync` span, in the trace of its pause. A process that exports no
-        traces records none: the pause's trace context is then made current as it came (its
-        result carries it on), without a span made and ended for nothing per VM."""
+        traces records none: the pause's own span (as it came, unrecorded) is then made current
+        (its result carries it on), without a span made and ended for nothing per VM."""
+        context = context_of(raw)
         if telemetry.exporting:
-            return tracer.start_as_current_span(f"clock.sync {event.vm}", context=context_of(raw))
-        return attached(context_of(raw))
+            return tracer.start_as_current_span(f"clock.sync {event.vm}", context=context)
+        return trace.use_span(trace.get_current_span(context), end_on_exit=False)
 
     async def sync_one(event: VMResumed, raw: Msg) -> None:
         """One resumed VM, in the trace of its pause."""
@@ -227,16 +227,6 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
         telemetry.shutdown()
 
     return app
-
-
-@contextmanager
-def attached(context: otel_context.Context) -> Iterator[None]:
-    """`context` current for the block."""
-    token = otel_context.attach(context)
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
 
 
 def _ms(value: float | None) -> str:

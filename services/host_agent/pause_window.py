@@ -388,6 +388,7 @@ class PauseWindow:
         the window's own span stands for them (what travels on is the same trace), which spares
         each VM a span made, given attributes and ended for nothing."""
         window = trace.get_current_span(context)  # type: ignore[arg-type]
+        recorded = window.is_recording()
         for vm, call in stops.items():
             span = (
                 self.tracer.start_span(
@@ -400,7 +401,7 @@ class PauseWindow:
                         "pp.rollout_id": req.rollout_id or "",
                     },
                 )
-                if window.is_recording()
+                if recorded
                 else window
             )
             if call.error is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +126,14 @@ def processes_with(token: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Wait (on the loop) until `predicate()` holds; `TimeoutError` naming `what` if it never
+    does within `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.01)
