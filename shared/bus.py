@@ -153,31 +153,81 @@ def _reconnects_of(nc: NatsClient) -> _Reconnects:
     return _RECONNECTS[nc]
 
 
+LEADER_ELECTED = "$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED"
+"""The server's advisory that a consumer has a new leader (`<prefix>.<stream>.<consumer>`)."""
+
+
+class _LeaderChanges:
+    """The leader elections of the consumers one nats-py client fetches from, as futures:
+    `next(stream, consumer)` is resolved by that consumer's next one. Each consumer's advisory
+    subject is subscribed to when it is first fetched from."""
+
+    def __init__(self, nc: NatsClient) -> None:
+        self._nc = nc
+        self._next: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._watched: set[tuple[str, str]] = set()
+
+    async def next(self, stream: str, consumer: str) -> asyncio.Future[None]:
+        key = (stream, consumer)
+        if key not in self._watched:
+            self._watched.add(key)
+
+            async def elected(_: Msg) -> None:
+                future = self._next.pop(key, None)
+                if future is not None and not future.done():
+                    future.set_result(None)
+
+            try:
+                await self._nc.subscribe(f"{LEADER_ELECTED}.{stream}.{consumer}", cb=elected)
+            except nats.errors.Error as exc:  # closed, draining: the fetch goes on without it
+                log.debug("not watching the leader of %s/%s: %s", stream, consumer, exc)
+        future = self._next.get(key)
+        if future is None or future.done():
+            future = self._next[key] = asyncio.get_running_loop().create_future()
+        return future
+
+
+_LEADERS: weakref.WeakKeyDictionary[NatsClient, _LeaderChanges] = weakref.WeakKeyDictionary()
+
+
+def _leader_changes_of(nc: NatsClient) -> _LeaderChanges:
+    if nc not in _LEADERS:
+        _LEADERS[nc] = _LeaderChanges(nc)
+    return _LEADERS[nc]
+
+
 async def _fetch_asking_again(
     self: JetStreamContext.PullSubscription,
     batch: int = 1,
     timeout: float | None = 5,
     heartbeat: float | None = None,
 ) -> list[Msg]:
-    """`PullSubscription.fetch`, but a pull request lost with its server is made again at once.
+    """`PullSubscription.fetch`, but a pull request lost with its server, or with its consumer's
+    leader, is made again at once.
 
-    A fetch waits on a pull request that the server holds; a server that restarts forgets it,
-    and nats-py does not ask again when it reconnects: a 30 s fetch pending across a restart
-    returned after its 30 s, though an event was stored just after the reconnect. A host's start
-    then waited up to its agent's `PP_START_POLL_S`. Here, each reconnect during the fetch sends
-    the same request again for the time left, to the same inbox, and the fetch goes on: what it
+    A fetch waits on a pull request that the server holds (the consumer's leader, in a
+    cluster); a server that restarts forgets it, and so does a consumer whose leader changes
+    (its node died: the new leader knows no waiting request). nats-py asks again in neither
+    case: a 30 s fetch pending across a restart of a real nats-server returned after its 30 s,
+    though an event was stored just after the reconnect, and a 40 s fetch whose consumer's
+    leader died returned after its 40 s, though an event was stored 6 s in. A host's start then
+    waited up to its agent's `PP_START_POLL_S`. Here, each reconnect during the fetch, and each
+    leader election of its consumer (the server's `CONSUMER.LEADER_ELECTED` advisory), sends the
+    same request again for the time left, to the same inbox, and the fetch goes on: what it
     brings is handed over as the first request's would have been. A request the server kept
     (e.g. another cluster node took the client) is then asked twice: what comes beyond the batch
     waits in the subscription's queue, where the next fetch takes it first."""
     if timeout is None or self._sub is None:
         return await _FETCH_NATS(self, batch, timeout, heartbeat)
     reconnects = _reconnects_of(self._nc)
+    leaders = _leader_changes_of(self._nc)
     started = time.monotonic()
     fetch = asyncio.ensure_future(_FETCH_NATS(self, batch, timeout, heartbeat))
     try:
         while True:
             reconnected = reconnects.next()
-            await asyncio.wait((fetch, reconnected), return_when=asyncio.FIRST_COMPLETED)
+            elected = await leaders.next(self._stream, self._consumer)
+            await asyncio.wait((fetch, reconnected, elected), return_when=asyncio.FIRST_COMPLETED)
             if fetch.done():
                 return fetch.result()
             left = timeout - (time.monotonic() - started)

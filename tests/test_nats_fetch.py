@@ -22,7 +22,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from shared import bus, subjects
-from shared.devstack import NatsServer
+from shared.devstack import NatsCluster, NatsServer
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -221,6 +221,66 @@ async def test_a_fetch_waiting_across_a_server_restart_asks_again_once_reconnect
     finally:
         await nc.close()
         server.stop()
+
+
+async def test_a_fetch_waiting_when_its_consumers_leader_dies_asks_the_new_leader(
+    workdir: Path,
+) -> None:
+    """In a cluster, a pull request waits on the consumer's leader; when that node dies the new
+    leader knows nothing of it, and the client, connected to another node, never reconnects."""
+    cluster = NatsCluster(workdir).start()
+    admin = await nats.connect(cluster.url.split(","))
+    nc: Client | None = None
+    try:
+        js = admin.jetstream()
+        await js.add_stream(
+            name=subjects.STREAM_NAME, subjects=[subjects.EVENTS_ROOT], num_replicas=3
+        )
+        await js.add_consumer(
+            subjects.STREAM_NAME,
+            ConsumerConfig(
+                durable_name="starts", filter_subject=subjects.host_started(), num_replicas=3
+            ),
+        )
+        leader = (await js.consumer_info(subjects.STREAM_NAME, "starts")).cluster
+        assert leader is not None and leader.leader
+        old = next(node for node in cluster.nodes if node.name == leader.leader)
+        other = next(node for node in cluster.nodes if node is not old)
+        await admin.close()
+        nc = await nats.connect(other.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+        js = nc.jetstream()
+        sub = await js.pull_subscribe(
+            subjects.host_started(), durable="starts", stream=subjects.STREAM_NAME
+        )
+        fetching = asyncio.ensure_future(sub.fetch(1, timeout=60))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while (await js.consumer_info(subjects.STREAM_NAME, "starts")).num_waiting < 1:
+            assert loop.time() < deadline, "the fetch never asked the server"
+            await asyncio.sleep(0.02)
+        old.stop()
+        # A new leader, which has no waiting request of its own.
+        deadline = loop.time() + 30
+        while True:
+            assert loop.time() < deadline, "no new leader for the consumer"
+            try:
+                info = await js.consumer_info(subjects.STREAM_NAME, "starts", timeout=2)
+                if info.cluster is not None and info.cluster.leader not in (None, old.name):
+                    break
+            except (TimeoutError, nats.errors.Error):
+                pass
+            await asyncio.sleep(0.1)
+        assert nc.stats["reconnects"] == 0, "the client lost its own node: not this case"
+        await js.publish(subjects.host_started("h1"), b"start")
+        # nats-py alone: when the 60 s run out, with nothing.
+        got = await asyncio.wait_for(fetching, 10)
+        assert [m.data for m in got] == [b"start"]
+    finally:
+        if nc is not None:
+            await nc.close()
+        if not admin.is_closed:
+            await admin.close()
+        cluster.stop()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ as a config token: a password must begin with a letter and hold only letters, di
 
 What each service does on the wire (checked by tests/test_deploy_nats.py on a real nats-server):
 JetStream pull consumers ask `$JS.API.CONSUMER.{CREATE,INFO,MSG.NEXT}` for their own durable and
-ack on `$JS.ACK.<stream>.<durable>.>` (the planner also deletes its inventory consumer at start,
+ack on `$JS.ACK.<stream>.<durable>.>`, and listen for their durable's leader elections
+(`$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.<stream>.<durable>`: a waiting fetch is asked again
+when its consumer's leader changes; the planner also deletes its inventory consumer at start,
 to read the fleet's last inventories afresh); ordered consumers (the notifier's replay) are
 ephemeral; replies and deliveries arrive under the user's own inbox
 prefix (`_INBOX.<user>.>`, `shared.subjects.inbox_prefix`: no user reads another's); command
@@ -26,7 +28,7 @@ import sys
 from dataclasses import dataclass, field
 
 from shared import subjects
-from shared.bus import DLQ_STREAM_NAME
+from shared.bus import DLQ_STREAM_NAME, LEADER_ELECTED
 from shared.contracts import is_valid_name
 
 STREAM = subjects.STREAM_NAME
@@ -113,6 +115,12 @@ def _pull_consumers(stream: str, durables: dict[str, str]) -> list[str]:
     return allowed
 
 
+def _leader_elections(stream: str, durables: dict[str, str] | list[str]) -> list[str]:
+    """The server's advisory that one of these durables has a new leader: a fetch waiting on
+    the old one is asked again at once (`shared.bus._fetch_asking_again`)."""
+    return [f"{LEADER_ELECTED}.{stream}.{durable}" for durable in durables]
+
+
 def _ephemeral_consumer(stream: str) -> list[str]:
     """A push or ordered consumer without a name (its filter is in the request body), its acks
     and its flow-control replies."""
@@ -170,7 +178,7 @@ def planner() -> User:
             # Heartbeats beyond the stream's bound per subject, once, when the bound is added.
             f"$JS.API.STREAM.PURGE.{STREAM}",
         ],
-        subscribe=[subjects.rollout_command("*")],
+        subscribe=[subjects.rollout_command("*"), *_leader_elections(STREAM, PLANNER_DURABLES)],
         responds=True,
     )
 
@@ -206,6 +214,7 @@ def clock_sync() -> User:
             *_pull_consumers(STREAM, CLOCK_SYNC_DURABLES),
             f"$JS.API.STREAM.MSG.GET.{STREAM}",
         ],
+        subscribe=_leader_elections(STREAM, CLOCK_SYNC_DURABLES),
     )
 
 
@@ -224,7 +233,10 @@ def host_agent(host: str) -> User:
             f"$JS.API.STREAM.INFO.{STREAM}",
             *_pull_consumers(STREAM, {host_agent_durable(host): subjects.host_started(host)}),
         ],
-        subscribe=[subjects.host_clock_command(host)],
+        subscribe=[
+            subjects.host_clock_command(host),
+            *_leader_elections(STREAM, [host_agent_durable(host)]),
+        ],
         responds=True,
     )
 

@@ -59,8 +59,9 @@ class HostAgentSettings(BusSettings):
     """A `MaintenanceStarted` older than this is refused (the planner gave up on it long ago)."""
     start_poll_s: float = 5.0
     """Each host's consumer of `MaintenanceStarted` waits this long per pull request: how often
-    an idle agent asks again, and how long a request the server dropped without the client
-    reconnecting can go unnoticed (after a reconnect it asks at once: `shared.bus`)."""
+    an idle agent asks again, and how long a request the server dropped can go unnoticed when
+    neither the client reconnected nor the consumer's leader changed (after either it asks at
+    once: `shared.bus`)."""
     resume_margin_s: float = 0.02
     """Resumes begin this long before the budget so that they end within it."""
     js_api_timeout_s: float = 60.0
