@@ -57,7 +57,7 @@ class HostAgentSettings(BusSettings):
     """Reboot maintenance: graceful shutdown time before a VM is forced off."""
     start_max_age_s: float = 120.0
     """A `MaintenanceStarted` older than this is refused (the planner gave up on it long ago)."""
-    start_poll_s: float = 5.0
+    start_poll_s: float = 30.0
     """Each host's consumer of `MaintenanceStarted` waits this long per pull request: how often
     an idle agent asks again, and how long a request the server dropped can go unnoticed when
     neither the client reconnected nor the consumer's leader changed (after either it asks at
