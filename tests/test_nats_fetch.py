@@ -185,6 +185,20 @@ async def test_a_batch_is_handed_over_at_the_end_of_its_burst_and_fills_under_lo
         await broker.stop()
 
 
+async def waiting_fetch(js: Any, batch: int) -> asyncio.Future[list[Msg]]:
+    """A 60 s fetch of `batch` from the durable `starts`, once its pull request is on the server."""
+    sub = await js.pull_subscribe(
+        subjects.host_started(), durable="starts", stream=subjects.STREAM_NAME
+    )
+    fetching = asyncio.ensure_future(sub.fetch(batch, timeout=60))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while (await js.consumer_info(subjects.STREAM_NAME, "starts")).num_waiting < 1:
+        assert loop.time() < deadline, "the fetch never asked the server"
+        await asyncio.sleep(0.02)
+    return fetching
+
+
 @pytest.mark.parametrize("batch", [1, 16])
 async def test_a_fetch_waiting_across_a_server_restart_asks_again_once_reconnected(
     workdir: Path, batch: int
@@ -194,16 +208,10 @@ async def test_a_fetch_waiting_across_a_server_restart_asks_again_once_reconnect
     try:
         js = nc.jetstream()
         await js.add_stream(name=subjects.STREAM_NAME, subjects=[subjects.EVENTS_ROOT])
-        sub = await js.pull_subscribe(
-            subjects.host_started(), durable="starts", stream=subjects.STREAM_NAME
-        )
-        fetching = asyncio.ensure_future(sub.fetch(batch, timeout=60))
+        # The pull request is on the server before it goes away.
+        fetching = await waiting_fetch(js, batch)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10
-        # The pull request is on the server before it goes away.
-        while (await js.consumer_info(subjects.STREAM_NAME, "starts")).num_waiting < 1:
-            assert loop.time() < deadline, "the fetch never asked the server"
-            await asyncio.sleep(0.02)
         server.stop()
         server.start()  # the same port and store: the consumer is there, its requests are not
         while not (nc.is_connected and nc.stats["reconnects"] >= 1):
@@ -249,17 +257,10 @@ async def test_a_fetch_waiting_when_its_consumers_leader_dies_asks_the_new_leade
         await admin.close()
         nc = await nats.connect(other.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
         js = nc.jetstream()
-        sub = await js.pull_subscribe(
-            subjects.host_started(), durable="starts", stream=subjects.STREAM_NAME
-        )
-        fetching = asyncio.ensure_future(sub.fetch(1, timeout=60))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        while (await js.consumer_info(subjects.STREAM_NAME, "starts")).num_waiting < 1:
-            assert loop.time() < deadline, "the fetch never asked the server"
-            await asyncio.sleep(0.02)
+        fetching = await waiting_fetch(js, 1)
         old.stop()
         # A new leader, which has no waiting request of its own.
+        loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
         while True:
             assert loop.time() < deadline, "no new leader for the consumer"
