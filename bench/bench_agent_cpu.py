@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import nats
-import nats.js.errors
 from rich.console import Console
 from rich.table import Table
 
@@ -46,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_soak import _direct_worker, cpu_s, machine_speed, pct, write_result
 
 from shared import subjects
+from shared.bus import stream_declared
 from shared.contracts import ClockAction, MaintenanceStarted, PatchSpec
 from shared.devstack import LocalStack, SimVM, sim_node_xml, temp_workdir
 
@@ -84,15 +84,7 @@ async def drive(url: str, agent_pid: int, args: argparse.Namespace) -> dict[str,
 
     await nc.subscribe(subjects.host_completed(), cb=on_completed)
     # The planner declares the stream as it starts.
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            await js.stream_info(subjects.STREAM_NAME)
-            break
-        except nats.js.errors.NotFoundError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
+    await asyncio.wait_for(stream_declared(js), 120)
 
     async def window(host: str, timeout: float = 30) -> dict[str, Any]:
         start = MaintenanceStarted(

@@ -122,78 +122,68 @@ _NEXT_MSG_NATS = Subscription.next_msg
 Subscription.next_msg = _next_msg_ready_first  # type: ignore[method-assign]
 
 
-class _Reconnects:
-    """The reconnects of one nats-py client, as futures: `next()` is resolved by the next one."""
+LEADER_ELECTED = "$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED"
+"""The server's advisory that a consumer has a new leader (`<prefix>.<stream>.<consumer>`)."""
+
+
+def _waiting(future: asyncio.Future[None] | None) -> asyncio.Future[None]:
+    """`future` while it waits, else a new one."""
+    if future is None or future.done():
+        return asyncio.get_running_loop().create_future()
+    return future
+
+
+def _resolve(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
+class _LostRequests:
+    """What makes the pull requests one nats-py client waits on lost, as futures: `reconnect()`
+    is resolved by the client's next reconnect, `election(stream, consumer)` by that consumer's
+    next leader election (its advisory subscribed to when the consumer is first fetched from)."""
 
     def __init__(self, nc: NatsClient) -> None:
-        self._next: asyncio.Future[None] | None = None
+        self._nc = nc
+        self._reconnect: asyncio.Future[None] | None = None
+        self._elections: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._watched: set[tuple[str, str]] = set()
         previous = nc._reconnected_cb
 
         async def reconnected() -> None:
-            if self._next is not None and not self._next.done():
-                self._next.set_result(None)
-            self._next = None
+            _resolve(self._reconnect)
             if previous is not None:
                 await previous()
 
         nc._reconnected_cb = reconnected
 
-    def next(self) -> asyncio.Future[None]:
-        if self._next is None or self._next.done():
-            self._next = asyncio.get_running_loop().create_future()
-        return self._next
+    def reconnect(self) -> asyncio.Future[None]:
+        self._reconnect = _waiting(self._reconnect)
+        return self._reconnect
 
-
-_RECONNECTS: weakref.WeakKeyDictionary[NatsClient, _Reconnects] = weakref.WeakKeyDictionary()
-
-
-def _reconnects_of(nc: NatsClient) -> _Reconnects:
-    if nc not in _RECONNECTS:
-        _RECONNECTS[nc] = _Reconnects(nc)
-    return _RECONNECTS[nc]
-
-
-LEADER_ELECTED = "$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED"
-"""The server's advisory that a consumer has a new leader (`<prefix>.<stream>.<consumer>`)."""
-
-
-class _LeaderChanges:
-    """The leader elections of the consumers one nats-py client fetches from, as futures:
-    `next(stream, consumer)` is resolved by that consumer's next one. Each consumer's advisory
-    subject is subscribed to when it is first fetched from."""
-
-    def __init__(self, nc: NatsClient) -> None:
-        self._nc = nc
-        self._next: dict[tuple[str, str], asyncio.Future[None]] = {}
-        self._watched: set[tuple[str, str]] = set()
-
-    async def next(self, stream: str, consumer: str) -> asyncio.Future[None]:
+    async def election(self, stream: str, consumer: str) -> asyncio.Future[None]:
         key = (stream, consumer)
         if key not in self._watched:
             self._watched.add(key)
 
             async def elected(_: Msg) -> None:
-                future = self._next.pop(key, None)
-                if future is not None and not future.done():
-                    future.set_result(None)
+                _resolve(self._elections.get(key))
 
             try:
                 await self._nc.subscribe(f"{LEADER_ELECTED}.{stream}.{consumer}", cb=elected)
             except nats.errors.Error as exc:  # closed, draining: the fetch goes on without it
                 log.debug("not watching the leader of %s/%s: %s", stream, consumer, exc)
-        future = self._next.get(key)
-        if future is None or future.done():
-            future = self._next[key] = asyncio.get_running_loop().create_future()
+        future = self._elections[key] = _waiting(self._elections.get(key))
         return future
 
 
-_LEADERS: weakref.WeakKeyDictionary[NatsClient, _LeaderChanges] = weakref.WeakKeyDictionary()
+_LOST: weakref.WeakKeyDictionary[NatsClient, _LostRequests] = weakref.WeakKeyDictionary()
 
 
-def _leader_changes_of(nc: NatsClient) -> _LeaderChanges:
-    if nc not in _LEADERS:
-        _LEADERS[nc] = _LeaderChanges(nc)
-    return _LEADERS[nc]
+def _lost_requests_of(nc: NatsClient) -> _LostRequests:
+    if nc not in _LOST:
+        _LOST[nc] = _LostRequests(nc)
+    return _LOST[nc]
 
 
 async def _fetch_asking_again(
@@ -219,14 +209,13 @@ async def _fetch_asking_again(
     waits in the subscription's queue, where the next fetch takes it first."""
     if timeout is None or self._sub is None:
         return await _FETCH_NATS(self, batch, timeout, heartbeat)
-    reconnects = _reconnects_of(self._nc)
-    leaders = _leader_changes_of(self._nc)
+    lost = _lost_requests_of(self._nc)
     started = time.monotonic()
     fetch = asyncio.ensure_future(_FETCH_NATS(self, batch, timeout, heartbeat))
     try:
         while True:
-            reconnected = reconnects.next()
-            elected = await leaders.next(self._stream, self._consumer)
+            reconnected = lost.reconnect()
+            elected = await lost.election(self._stream, self._consumer)
             await asyncio.wait((fetch, reconnected, elected), return_when=asyncio.FIRST_COMPLETED)
             if fetch.done():
                 return fetch.result()
@@ -515,7 +504,11 @@ async def read_bucket(kv: Any, timeout: float = 30.0) -> dict[str, Any]:
 
 async def wait_for_stream(broker: NatsBroker, name: str = subjects.STREAM_NAME) -> None:
     """Wait until the stream exists (its owner, the planner, declares it), logging while waiting."""
-    js = broker.config.connection_state.stream
+    await stream_declared(broker.config.connection_state.stream, name)
+
+
+async def stream_declared(js: JetStreamContext, name: str = subjects.STREAM_NAME) -> None:
+    """`wait_for_stream` on a bare nats-py JetStream context (benches, tools)."""
     waited = 0.0
     while True:
         try:
