@@ -3,6 +3,7 @@ control): re-planning when the inventory changes mid-rollout."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -201,6 +202,42 @@ async def test_a_wave_gets_its_notice_while_the_wave_before_it_is_patched(fleet:
     assert planned_hosts(fleet.published) == ["h0", "h1", "h2"]
     h2 = [e for e in fleet.published if isinstance(e, MaintenancePlanned) and e.host == "h2"]
     assert h2[0].not_before == fleet.clock.now + timedelta(seconds=20)
+
+
+async def test_the_wave_after_next_gets_its_notice_without_waiting_for_the_starts_acks(
+    fleet: Fleet,
+) -> None:
+    """On a loaded bus the acks of a wave's starts come late (its windows just opened): the
+    notice of the wave after it must not wait for them, or it ends after that wave and the next
+    one waits for it."""
+    await three_waves(fleet, notice_ahead_waves=1)
+    await fleet.tick(0)
+    await fleet.tick(20)
+    await fleet.finish_started_hosts()
+    acked = asyncio.Event()
+    noticed = asyncio.Event()
+    published = fleet.published
+
+    async def publish(event: Event) -> None:
+        published.append(event)
+        if isinstance(event, MaintenancePlanned) and event.host == "h2":
+            noticed.set()
+        if isinstance(event, MaintenanceStarted):
+            await acked.wait()  # the stream's ack of a start, held back
+
+    fleet.engine.publish = publish
+    advancing = asyncio.create_task(fleet.tick(0))  # wave 0 done: h1 starts, h2 gets notice
+    try:
+        await asyncio.wait_for(noticed.wait(), 5)
+        assert not advancing.done()  # h1's start is still waiting for its ack
+        kinds = [(type(e).__name__, getattr(e, "host", None)) for e in published]
+        assert kinds.index(("MaintenanceStarted", "h1")) < kinds.index(
+            ("MaintenancePlanned", "h2")
+        ), kinds  # the start is queued first
+    finally:
+        acked.set()
+        await asyncio.wait_for(advancing, 5)
+    assert fleet.engine.hosts[(next(iter(fleet.engine.rollouts)), "h2")].state == "noticed"
 
 
 async def test_the_next_wave_starts_before_the_finished_one_is_stored_and_said(

@@ -619,10 +619,17 @@ class RolloutEngine:
             if now >= due or approved:
                 why = "notice passed" if now >= due else "every event approved"
                 rollout.note(f"wave {rollout.current_wave}: starting {len(noticed)} host(s), {why}")
-                # Every host of the wave at once: their events go out in one round of acks.
-                await asyncio.gather(*(self._start(rollout, run) for run in noticed))
+                # Every host of the wave at once: their events go out in one round of acks. The
+                # notice of the waves after it goes out with them, queued behind them, not once
+                # they are acknowledged: on a loaded bus (the wave's windows just opened) that
+                # took long enough for the notice to end after the wave did, and the next wave
+                # to wait for it.
+                starts = [asyncio.ensure_future(self._start(rollout, run)) for run in noticed]
+                notice = asyncio.ensure_future(self._notice_ahead(rollout, after_starts=True))
+                await asyncio.gather(*starts, notice)
                 await self.store.save_rollout(rollout)
-        # After the start: a start waits on nothing that is not needed for it.
+                if notice.result():
+                    await self._status(rollout)
         if await self._notice_ahead(rollout):
             await self.store.save_rollout(rollout)
             await self._status(rollout)
@@ -631,10 +638,16 @@ class RolloutEngine:
             return True
         return False
 
-    async def _notice_ahead(self, rollout: Rollout) -> int:
+    async def _notice_ahead(self, rollout: Rollout, after_starts: bool = False) -> int:
         """Notice for the `notice_ahead_waves` waves after the current one (those who have none
         yet): their notice runs while the current wave is patched, so a rollout does not pay the
-        notice once per wave. Returns how many hosts got it now."""
+        notice once per wave. Returns how many hosts got it now.
+
+        `after_starts`: run alongside the current wave's starts (as a task made after theirs):
+        they queue their events first, and this yields once before making its own, so the
+        publisher writes the starts before any notice is made."""
+        if after_starts:
+            await asyncio.sleep(0)
         last = min(
             len(rollout.waves), rollout.current_wave + 1 + rollout.request.notice_ahead_waves
         )
