@@ -8,12 +8,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from services.host_agent.guest_clock import clock_action
 from services.host_agent.hypervisor import GuestClockUnavailable, HypervisorError, VMNotFound
 from services.host_agent.libvirt_hypervisor import LibvirtHypervisor
+from shared.contracts import VMInfo
 from shared.devstack import SimVM, sim_node_xml
+from shared.placement import PLACEMENT_NS
 from tests.conftest import QemuHost
 from tests.support import qemu
 
@@ -47,6 +50,48 @@ def test_lists_vms_with_placement_and_state(driver: tuple[LibvirtHypervisor, str
     info = next(v for v in vms if v.vm == vm)
     assert (info.availability_set, info.update_domain, info.ip) == ("web", 0, "127.0.2.1")
     assert info.state == "running" and info.uuid and not skipped
+
+
+def test_each_listing_shows_what_changed_since_the_last_one(
+    driver: tuple[LibvirtHypervisor, str],
+) -> None:
+    """Listings reuse what they described before (`LibvirtHypervisor.describe`): a new state
+    or placement must still show in the very next one."""
+    hv, vm = driver
+
+    def listed() -> VMInfo:
+        return next(v for v in hv.list_vms()[0] if v.vm == vm)
+
+    assert (listed().state, listed().availability_set) == ("running", "web")
+    dom = hv.connection.lookupByName(vm)
+    original = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, PLACEMENT_NS)
+    # libvirt puts the element it is given in the namespace: given without one (`virsh
+    # metadata --key pp --uri ... --set` does the same).
+    moved = '<placement availability-set="db" update-domain="3" ip="127.0.2.1"/>'
+    dom.setMetadata(
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+        moved,
+        "pp",
+        PLACEMENT_NS,
+        libvirt.VIR_DOMAIN_AFFECT_LIVE,
+    )
+    try:
+        assert (listed().availability_set, listed().update_domain) == ("db", 3)
+        hv.suspend(vm)
+        try:
+            assert listed().state == "paused"
+        finally:
+            hv.resume(vm)
+        assert (listed().state, listed().availability_set) == ("running", "db")
+    finally:
+        dom.setMetadata(
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+            original,
+            "pp",
+            PLACEMENT_NS,
+            libvirt.VIR_DOMAIN_AFFECT_LIVE,
+        )
+    assert (listed().availability_set, listed().update_domain) == ("web", 0)
 
 
 def test_suspend_then_resume_round_trips_the_state(driver: tuple[LibvirtHypervisor, str]) -> None:

@@ -31,6 +31,9 @@ STATE_NAMES = {
     libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
 }
 
+_DESCRIBED_MAX = 4096
+"""Descriptions kept (two per VM cover a host's VMs running and paused)."""
+
 # Errors meaning "the guest agent is configured but does not answer (yet)": retry later.
 _AGENT_RETRYABLE = {libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_AGENT_UNSYNCED}
 
@@ -60,6 +63,10 @@ class LibvirtHypervisor:
         # Domain handles stay valid across state changes; caching them saves a lookup round trip
         # on every call of the window. A stale handle (domain redefined) is dropped and looked up.
         self._domains: dict[str, libvirt.virDomain] = {}
+        # What each domain was last described as, keyed by everything read from libvirt for it:
+        # a listing (one at every window's start, one after it, every heartbeat) parses the
+        # placement and builds the `VMInfo` (frozen) only for what changed since the last one.
+        self._described: dict[tuple[str, str, int, str | None], VMInfo] = {}
 
     @property
     def kind(self) -> str:
@@ -103,13 +110,18 @@ class LibvirtHypervisor:
             if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_METADATA:
                 raise
             xml = None
-        state = dom.state()[0]
-        return VMInfo(
-            vm=dom.name(),
-            uuid=dom.UUIDString(),
-            state=STATE_NAMES.get(state, "nostate"),
-            **parse_placement(xml),
-        )
+        key = (dom.name(), dom.UUIDString(), dom.state()[0], xml)
+        info = self._described.get(key)
+        if info is None:
+            if len(self._described) >= _DESCRIBED_MAX:
+                self._described.clear()  # what no domain is any more goes with it
+            info = self._described[key] = VMInfo(
+                vm=key[0],
+                uuid=key[1],
+                state=STATE_NAMES.get(key[2], "nostate"),
+                **parse_placement(xml),
+            )
+        return info
 
     def list_vms(self) -> tuple[list[VMInfo], list[str]]:
         vms: list[VMInfo] = []
