@@ -413,6 +413,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             round(pct(overheads, 0.99) / direct["overhead_p99_ms"], 2) if overheads else None
         ),
         "wave_phases_median_ms": phases,
+        # Waves after the first that started when their notice ended, not when the one before
+        # them was done (with notice ahead, none should).
+        "notice_bound_waves": notice_bound_waves(events, rid),
         "window_split_ms": split,
         "cpu_s_during_rollout": cpu,
         "cpu_s_total": round(sum(cpu.values()), 1),
@@ -616,6 +619,36 @@ def wave_phases(events: list[tuple[str, dict[str, Any]]], rid: str) -> dict[str,
         if i + 1 < len(waves) and marks[waves[i + 1]]["MaintenanceStarted"]:
             rows["transition"].append(min(marks[waves[i + 1]]["MaintenanceStarted"]) - last)
     return {k: round(statistics.median(v), 1) for k, v in rows.items() if v}
+
+
+NOTICE_BOUND_S = 0.01
+"""A wave whose first start came within this of its notice's end waited for its notice."""
+
+
+def notice_bound_waves(events: list[tuple[str, dict[str, Any]]], rid: str) -> int:
+    """How many waves after the first waited for their notice to end (their first start within
+    `NOTICE_BOUND_S` of their hosts' last `not_before`) rather than for the wave before them:
+    with notice ahead, a wave that does spent the rest of its notice with nothing to do."""
+    wave_of_host: dict[str, int] = {}
+    not_before: dict[int, float] = {}
+    first_start: dict[int, float] = {}
+    for _, body in events:
+        if body.get("rollout_id") != rid:
+            continue
+        kind = body.get("type")
+        if kind == "MaintenancePlanned":
+            wave = wave_of_host[body["host"]] = body["wave"]
+            end = datetime.fromisoformat(body["not_before"]).timestamp()
+            not_before[wave] = max(not_before.get(wave, end), end)
+        elif kind == "MaintenanceStarted" and body["host"] in wave_of_host:
+            wave = wave_of_host[body["host"]]
+            at = datetime.fromisoformat(body["occurred_at"]).timestamp()
+            first_start[wave] = min(first_start.get(wave, at), at)
+    return sum(
+        1
+        for wave, start in first_start.items()
+        if wave > 0 and wave in not_before and start - not_before[wave] < NOTICE_BOUND_S
+    )
 
 
 def main() -> None:

@@ -46,6 +46,31 @@ def test_notice_ahead_overlaps_each_notice_with_the_wave_before(soak: ModuleType
     assert two >= 1.0 + 10 * 0.1 - 1e-9
 
 
+def test_notice_bound_waves_are_those_started_as_their_notice_ended(soak: ModuleType) -> None:
+    def planned(host: str, wave: int, not_before: str) -> tuple[str, dict[str, object]]:
+        body: dict[str, object] = {"type": "MaintenancePlanned", "rollout_id": "r", "host": host}
+        body["wave"] = wave
+        return "planned", body | {"not_before": f"2026-01-01T00:00:{not_before}+00:00"}
+
+    def started(host: str, at: str, rid: str = "r") -> tuple[str, dict[str, object]]:
+        body: dict[str, object] = {"type": "MaintenanceStarted", "rollout_id": rid, "host": host}
+        return "started", body | {"occurred_at": f"2026-01-01T00:00:{at}+00:00"}
+
+    events = [
+        planned("a", 0, "01.000"),
+        planned("b", 1, "01.000"),
+        planned("c", 1, "01.500"),  # the wave's notice ends with its last host's
+        planned("d", 2, "03.000"),
+        started("a", "01.001"),  # the first wave always starts as its notice ends: not counted
+        started("b", "02.000"),  # wave 1 waited for wave 0, its notice long over
+        started("c", "02.001"),
+        started("d", "03.004"),  # wave 2 waited for its notice
+        started("x", "03.004", rid="other"),
+    ]
+    assert soak.notice_bound_waves(events, "r") == 1
+    assert soak.notice_bound_waves(events[:-2], "r") == 0
+
+
 def test_hosts_split_in_order_and_whole(soak: ModuleType) -> None:
     names = [f"h{i:02d}" for i in range(7)]
     chunks = soak.split_hosts(names, 3)
