@@ -13,6 +13,7 @@ looked up in the stream itself: the VM's last `ClockSynced` tells whether its cl
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 from contextlib import AbstractContextManager
@@ -25,7 +26,7 @@ from faststream.nats import PullSub
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.js.errors import NotFoundError
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from pydantic import ValidationError
 
 from services.clock_sync.batcher import HostBatcher
@@ -193,13 +194,22 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
             return False  # not a result we can read: better sync again than never
         return stored.event_id == result_id(event) or stored.occurred_at >= event.occurred_at
 
+    asked = itertools.count(1)
+
     async def request(host: str, vms: list[str]) -> list[ClockReading]:
-        reply = await broker.request(
-            ClockAction(vms=vms, action="sync").to_json(),
+        # Straight on the connection, as the events go (`EventPublisher`), with the headers
+        # FastStream would set and the current trace context: FastStream's request pipeline
+        # (its publish middlewares, a reply subscriber of its own) was a tenth of this
+        # service's CPU, once per host and resume.
+        headers = {"content-type": "application/json", "correlation_id": f"{host}-{next(asked)}"}
+        propagate.inject(headers)
+        reply = await broker.config.connection_state.connection.request(
             subjects.host_clock_command(host),
+            ClockAction(vms=vms, action="sync").model_dump_json().encode(),
             timeout=settings.clock_request_timeout_s,
+            headers=headers,
         )
-        return ClockReadings.model_validate(await reply.decode()).readings
+        return ClockReadings.model_validate_json(reply.data).readings
 
     batcher = HostBatcher(request)
 
