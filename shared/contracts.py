@@ -239,6 +239,21 @@ class VMPaused(VMEvent):
         return subjects.vm_paused(self.host, self.vm)
 
 
+class HostPaused(HostEvent):
+    """Every VM the window stopped, at once, once they are stopped (besides each one's `VMPaused`):
+    what a reader that follows hosts, not VMs, needs to know that they are paused now (the
+    planner's `vms_paused_now`), in one event instead of one per VM."""
+
+    type: Literal["HostPaused"] = "HostPaused"
+    rollout_id: str | None = Field(default=None, description="The rollout.")
+    paused_at: dict[Name, UtcDatetime] = Field(
+        description="Each VM stopped, with the host clock when its suspend call was issued."
+    )
+
+    def subject(self) -> str:
+        return subjects.host_paused(self.host)
+
+
 class HostPatched(HostEvent):
     """The patch ran (or was killed at the budget)."""
 
@@ -350,6 +365,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         MaintenanceStarted,
         MaintenanceCancelled,
         VMPaused,
+        HostPaused,
         HostPatched,
         VMResumed,
         MaintenanceCompleted,

@@ -46,6 +46,11 @@ def host_cancelled(host: str = ANY) -> str:
     return _join("pp.evt.host", host, "cancelled")
 
 
+def host_paused(host: str = ANY) -> str:
+    """`HostPaused` of one host."""
+    return _join("pp.evt.host", host, "paused")
+
+
 def host_patched(host: str = ANY) -> str:
     """`HostPatched` of one host."""
     return _join("pp.evt.host", host, "patched")

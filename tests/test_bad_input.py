@@ -32,9 +32,10 @@ SUBSCRIBED = [
     ("pp.evt.host.h1.deferred", {"planner"}),
     ("pp.evt.host.h1.started", {"host-agent", "notifier"}),
     ("pp.evt.host.h1.cancelled", {"notifier"}),
+    ("pp.evt.host.h1.paused", {"planner"}),
     ("pp.evt.host.h1.patched", {"planner"}),
     ("pp.evt.host.h1.completed", {"planner", "notifier"}),
-    ("pp.evt.vm.h1.a.paused", {"planner"}),
+    ("pp.evt.vm.h1.a.paused", {"notifier"}),  # which reads every event
     ("pp.evt.vm.h1.a.resumed", {"planner", "clock-sync"}),
     ("pp.evt.vm.h1.a.clock", {"planner"}),
 ]
@@ -73,7 +74,7 @@ async def test_malformed_messages_are_dead_lettered_and_services_keep_working(
     for subject, _ in SUBSCRIBED:
         for body in (GARBAGE, WRONG_TYPE, UNKNOWN_TYPE, OVERSIZED):
             await js.publish(subject, body)
-    await js.publish("pp.evt.vm.h1.a.paused", TYPELESS)
+    await js.publish("pp.evt.host.h1.paused", TYPELESS)
 
     # Commands answer a structured error at once, and are dead-lettered too.
     for subject in COMMANDS:

@@ -40,7 +40,7 @@ def test_documents_show_what_each_service_consumes_with_contract_schemas() -> No
         subjects.host_inventory(),
         subjects.host_approved(),
         subjects.host_deferred(),
-        subjects.vm_paused(),
+        subjects.host_paused(),
         subjects.host_patched(),
         subjects.vm_resumed(),
         subjects.host_completed(),

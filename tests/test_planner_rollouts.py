@@ -16,6 +16,7 @@ import pytest
 from shared.client import CommandError, EventWatcher, PlannerClient, connect
 from shared.contracts import (
     HostInventory,
+    HostPaused,
     MaintenanceApproved,
     MaintenanceCancelled,
     MaintenanceCompleted,
@@ -426,3 +427,34 @@ async def test_an_answer_larger_than_one_message_leaves_the_plan_out_and_says_so
         if nc is not None:
             await nc.close()
         stack.stop()
+
+
+async def test_the_planner_counts_the_vms_paused_now_from_each_hosts_pause_event(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
+) -> None:
+    """`vms_paused_now` while a window's patch runs, from the agent's one `HostPaused` per
+    window (the planner no longer reads each VM's `VMPaused`), and 0 once they resumed."""
+    client, watcher = bus
+    start_core(stack, notifier=False)
+    start_fleet(stack, HOSTS[:1])
+    await ready(stack, client, watcher, HOSTS[:1])
+    rollout = await client.submit(
+        {"update_id": "u1", "patch": {"duration_s": 3.0}, "notice_s": 0.1, "pause_budget_s": 10}
+    )
+    rid = rollout["rollout_id"]
+    paused = await watcher.wait_for(
+        lambda w: w.events(HostPaused, rollout_id=rid), 30, "the host's pauses"
+    )
+    assert sorted(paused[0].paused_at) == sorted(vm for vm, _, _ in fleet_vms(0))
+    summary: dict[str, Any] = {}
+    deadline = asyncio.get_running_loop().time() + 2.5  # the patch runs 3 s from the pauses
+    while asyncio.get_running_loop().time() < deadline:
+        summary = await client.call("get", {"rollout_id": rid, "summary": True})
+        if summary["vms_paused_now"] == 3:
+            break
+        await asyncio.sleep(0.05)
+    assert summary["vms_paused_now"] == 3, summary
+    assert not watcher.events(VMResumed, rollout_id=rid)  # still within the patch
+    await watcher.wait_for(status_reached(rid), 60, "the rollout")
+    summary = await client.call("get", {"rollout_id": rid, "summary": True})
+    assert summary["vms_paused_now"] == 0 and summary["state"] == "completed"

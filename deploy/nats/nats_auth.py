@@ -42,7 +42,7 @@ NOTIFIER_BUCKET = "pp_notifier"
 PLANNER_DURABLES = {
     "planner-approved": subjects.host_approved(),
     "planner-deferred": subjects.host_deferred(),
-    "planner-paused": subjects.vm_paused(),
+    "planner-host-paused": subjects.host_paused(),
     "planner-patched": subjects.host_patched(),
     "planner-resumed": subjects.vm_resumed(),
     "planner-completed": subjects.host_completed(),
@@ -225,6 +225,7 @@ def host_agent(host: str) -> User:
         f"host-agent of {host}: its own host's events only",
         publish=[
             subjects.host_inventory(host),
+            subjects.host_paused(host),
             subjects.host_patched(host),
             subjects.host_completed(host),
             subjects.vm_paused(host),

@@ -39,6 +39,7 @@ from shared.contracts import (
     Event,
     EventType,
     HostPatched,
+    HostPaused,
     MaintenanceCompleted,
     PatchSpec,
     VMPaused,
@@ -382,13 +383,15 @@ class PauseWindow:
     # ------------------------------------------------------------ events and spans (the loop)
 
     def _stopped(self, req: WindowRequest, stops: dict[str, Call], context: object) -> None:
-        """VMPaused per stopped VM, inside its `vm.pause` span (opened at the stop call).
+        """VMPaused per stopped VM, inside its `vm.pause` span (opened at the stop call), then
+        one HostPaused for them all.
 
         In a window that is not recorded (no trace of it goes anywhere), no VM's span would be:
         the window's own span stands for them (what travels on is the same trace), which spares
         each VM a span made, given attributes and ended for nothing."""
         window = trace.get_current_span(context)  # type: ignore[arg-type]
         recorded = window.is_recording()
+        paused: dict[str, datetime] = {}
         for vm, call in stops.items():
             span = (
                 self.tracer.start_span(
@@ -410,15 +413,15 @@ class PauseWindow:
                 log.warning("stop of %s failed: %s", vm, call.error)
                 continue
             self._spans[vm] = span
+            paused[vm] = _wall(call.issued_ns)
             with trace.use_span(span, end_on_exit=False):
                 self.emit(
-                    VMPaused(
-                        host=self.host,
-                        vm=vm,
-                        rollout_id=req.rollout_id,
-                        paused_at=_wall(call.issued_ns),
-                    )
+                    VMPaused(host=self.host, vm=vm, rollout_id=req.rollout_id, paused_at=paused[vm])
                 )
+        if paused:
+            # The same, for the host at once (the planner follows hosts, not each VM's event).
+            with trace.use_span(window, end_on_exit=False):
+                self.emit(HostPaused(host=self.host, rollout_id=req.rollout_id, paused_at=paused))
 
     def _report(self, req: WindowRequest, path: _Path) -> MaintenanceCompleted:
         patch = path.patch

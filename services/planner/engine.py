@@ -32,6 +32,7 @@ from shared.contracts import (
     Event,
     HostInventory,
     HostPatched,
+    HostPaused,
     MaintenanceApproved,
     MaintenanceCancelled,
     MaintenanceCompleted,
@@ -418,6 +419,21 @@ class RolloutEngine:
             return
         record.paused_at = event.paused_at
         self.store.mark_host(run)
+
+    async def on_host_paused(self, event: HostPaused) -> None:
+        """Record the pause of every VM a host's window stopped, as each one's `VMPaused` would
+        (what `vms_paused_now` counts; each record gets its times again with its resume)."""
+        run = self._run_for(event.rollout_id, event.host)
+        if run is None:
+            return
+        changed = False
+        for vm, paused_at in event.paused_at.items():
+            record = run.vm_records.setdefault(vm, VMRecord())
+            if record.resumed_at is None and record.paused_at != paused_at:
+                record.paused_at = paused_at
+                changed = True
+        if changed:
+            self.store.mark_host(run)
 
     async def on_patched(self, event: HostPatched) -> None:
         """Record the patch result."""

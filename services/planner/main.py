@@ -49,13 +49,13 @@ from shared.contracts import (
     Event,
     HostInventory,
     HostPatched,
+    HostPaused,
     MaintenanceApproved,
     MaintenanceCompleted,
     MaintenanceDeferred,
     Page,
     RolloutRef,
     RolloutSubmit,
-    VMPaused,
     VMResumed,
     ensure_on_subject,
 )
@@ -319,9 +319,12 @@ def build_app(settings: PlannerSettings) -> FastStream:
         ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_deferred(event))
 
-    @per_vm("paused", subjects.vm_paused(), "VM pauses.")
-    async def on_paused() -> None:
-        await apply_batch(VMPaused, RolloutEngine.on_paused)
+    # A window's pauses come as one `HostPaused` per host, not one `VMPaused` per VM: reading
+    # every VM's pause cost the planner a fifth of its CPU and the server its deliveries and
+    # acknowledgements, for what the host's event says at once.
+    @per_vm("host-paused", subjects.host_paused(), "Pauses of a host's VMs.")
+    async def on_host_paused() -> None:
+        await apply_batch(HostPaused, RolloutEngine.on_host_paused)
 
     @per_vm("patched", subjects.host_patched(), "Patch results.")
     async def on_patched() -> None:
