@@ -296,6 +296,13 @@ class VMWindowOutcome(Message):
     outcome: Literal["resumed", "skipped", "failed"] = Field(description="What happened.")
     paused_ms: float | None = Field(default=None, description="Blackout, if paused.")
     detail: str | None = Field(default=None, description="Why skipped or failed.")
+    paused_at: UtcDatetime | None = Field(
+        default=None, description="Host clock when its suspend call was issued (as `VMResumed`)."
+    )
+    resumed_at: UtcDatetime | None = Field(
+        default=None, description="Host clock when it ran again (as `VMResumed`)."
+    )
+    forced: bool = Field(default=False, description="Started again at the deadline.")
 
 
 class MaintenanceCompleted(HostEvent):

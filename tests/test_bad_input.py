@@ -36,7 +36,7 @@ SUBSCRIBED = [
     ("pp.evt.host.h1.patched", {"planner"}),
     ("pp.evt.host.h1.completed", {"planner", "notifier"}),
     ("pp.evt.vm.h1.a.paused", {"notifier"}),  # which reads every event
-    ("pp.evt.vm.h1.a.resumed", {"planner", "clock-sync"}),
+    ("pp.evt.vm.h1.a.resumed", {"clock-sync", "notifier"}),
     ("pp.evt.vm.h1.a.clock", {"planner"}),
 ]
 COMMANDS = [

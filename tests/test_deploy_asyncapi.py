@@ -42,7 +42,6 @@ def test_documents_show_what_each_service_consumes_with_contract_schemas() -> No
         subjects.host_deferred(),
         subjects.host_paused(),
         subjects.host_patched(),
-        subjects.vm_resumed(),
         subjects.host_completed(),
         subjects.vm_clock(),
         *(subjects.rollout_command(v) for v in ("submit", "get", "list", "halt", "abort")),

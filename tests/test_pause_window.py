@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from services.host_agent.journal import JournalEntry, PauseJournal
 from services.host_agent.libvirt_hypervisor import LibvirtHypervisor
 from services.host_agent.pause_window import PauseWindow, WindowRequest
-from shared.contracts import Event, PatchSpec, VMInfo, VMPaused, VMResumed
+from shared.contracts import Event, HostPaused, PatchSpec, VMInfo, VMPaused, VMResumed
 from shared.devstack import SimVM, sim_node_xml
 
 VMS = [SimVM("a", "web", 0), SimVM("b", "web", 0), SimVM("c", None), SimVM("off", running=False)]
@@ -79,6 +79,28 @@ async def test_a_vm_that_disappears_is_reported_and_the_others_resume(
     assert not result.ok and "b:" in (result.error or "")
     assert hv.state("a") == hv.state("c") == "running" and hv.state("off") == "shutoff"
     assert sorted(e.vm for e in events if isinstance(e, VMResumed)) == ["a", "c"]
+
+
+async def test_the_hosts_events_say_what_each_vms_events_say(
+    hv: VanishingHypervisor, tmp_path: Path
+) -> None:
+    """`HostPaused` and the completion's outcomes carry each VM's times as its own `VMPaused`
+    and `VMResumed` do: the planner reads those two, not an event per VM."""
+    events: list[Event] = []
+    result = await window(hv, PauseJournal(tmp_path / "j.json"), events).run(
+        request(PatchSpec(duration_s=0.05))
+    )
+    paused = {e.vm: e.paused_at for e in events if isinstance(e, VMPaused)}
+    host_paused = [e for e in events if isinstance(e, HostPaused)]
+    assert len(host_paused) == 1 and host_paused[0].paused_at == paused
+    assert sorted(paused) == ["a", "b", "c"]
+    resumed = {e.vm: e for e in events if isinstance(e, VMResumed)}
+    outcomes = {o.vm: o for o in result.vms}
+    for vm, event in resumed.items():
+        outcome = outcomes[vm]
+        assert (outcome.paused_at, outcome.resumed_at) == (event.paused_at, event.resumed_at)
+        assert (outcome.paused_ms, outcome.forced) == (event.paused_ms, event.forced)
+    assert outcomes["off"].paused_at is None and outcomes["off"].resumed_at is None
 
 
 async def test_journal_is_on_disk_before_the_first_suspend_and_gone_after(

@@ -19,6 +19,7 @@ from shared.client import connect
 from shared.contracts import (
     Event,
     HostInventory,
+    HostPaused,
     MaintenanceCancelled,
     MaintenanceCompleted,
     MaintenancePlanned,
@@ -28,6 +29,7 @@ from shared.contracts import (
     RolloutSubmit,
     VMInfo,
     VMResumed,
+    VMWindowOutcome,
     utcnow,
 )
 from shared.devstack import NatsServer
@@ -687,3 +689,43 @@ def test_an_answer_is_kept_whole_slimmed_or_refused_by_what_fits() -> None:
     # Nothing bulky to leave out: a clear error, not an answer that never arrives.
     refused = fit_reply({"log": ["x" * 200]}, 100)
     assert refused["error"] == "too-large" and "more than one NATS message" in refused["detail"]
+
+
+async def test_a_hosts_completion_gives_each_vm_its_pause_and_resume(fleet: Fleet) -> None:
+    """The planner reads no `VMResumed`: each VM's record gets its times from the completion's
+    outcomes (and its pause, while the patch runs, from `HostPaused`)."""
+    await three_waves(fleet, notice_ahead_waves=1)
+    await fleet.tick(0)
+    await fleet.tick(20)
+    [started] = [e for e in fleet.published if isinstance(e, MaintenanceStarted)]
+    paused_at = fleet.clock.now
+    await fleet.engine.on_host_paused(
+        HostPaused(host="h0", rollout_id=started.rollout_id, paused_at={"v0": paused_at})
+    )
+    rollout = fleet.engine.rollouts[started.rollout_id]
+    assert fleet.engine.summary(rollout)["vms_paused_now"] == 1
+    resumed_at = paused_at + timedelta(milliseconds=120)
+    await fleet.engine.on_completed(
+        MaintenanceCompleted(
+            host="h0",
+            rollout_id=started.rollout_id,
+            scheduled_event_id=started.scheduled_event_id,
+            ok=True,
+            window_ms=121,
+            patch_ms=100,
+            overhead_ms=21,
+            vms=[
+                VMWindowOutcome(
+                    vm="v0",
+                    outcome="resumed",
+                    paused_ms=120.0,
+                    paused_at=paused_at,
+                    resumed_at=resumed_at,
+                )
+            ],
+        )
+    )
+    record = fleet.engine.hosts[(started.rollout_id, "h0")].vm_records["v0"]
+    assert (record.paused_at, record.resumed_at, record.paused_ms) == (paused_at, resumed_at, 120)
+    assert record.resumed_ok and not record.forced
+    assert fleet.engine.summary(rollout)["vms_paused_now"] == 0

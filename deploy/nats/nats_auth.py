@@ -44,7 +44,6 @@ PLANNER_DURABLES = {
     "planner-deferred": subjects.host_deferred(),
     "planner-host-paused": subjects.host_paused(),
     "planner-patched": subjects.host_patched(),
-    "planner-resumed": subjects.vm_resumed(),
     "planner-completed": subjects.host_completed(),
     "planner-clock": subjects.vm_clock(),
     "planner-inventory": subjects.host_inventory(),

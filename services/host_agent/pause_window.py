@@ -507,11 +507,16 @@ class PauseWindow:
             )
         if recording:
             span.end(end_time=end_ns)
-        if error is not None:
-            return VMWindowOutcome(
-                vm=stop.vm, outcome="failed", paused_ms=paused_ms, detail=f"not started: {error}"
-            )
-        return VMWindowOutcome(vm=stop.vm, outcome="resumed", paused_ms=paused_ms)
+        # The times again, for readers of the host's completion rather than of every VM's event.
+        return VMWindowOutcome(
+            vm=stop.vm,
+            outcome="resumed" if error is None else "failed",
+            paused_ms=paused_ms,
+            detail=None if error is None else f"not started: {error}",
+            paused_at=_wall(stop.issued_ns),
+            resumed_at=_wall(end_ns),
+            forced=path.forced,
+        )
 
     # ------------------------------------------------------------ recovery
 
@@ -583,6 +588,9 @@ class PauseWindow:
                         outcome="resumed" if error is None else "failed",
                         paused_ms=paused_ms,
                         detail=error or "started again from the journal after an agent restart",
+                        paused_at=started,
+                        resumed_at=now,
+                        forced=True,
                     )
                 )
             window_ms = max(0.0, (now - started).total_seconds() * 1000)

@@ -491,6 +491,16 @@ class RolloutEngine:
         run.recovered = event.recovered
         run.error = event.error
         run.resumed_vms = [o.vm for o in event.vms if o.outcome == "resumed"]
+        for outcome in event.vms:
+            # Each VM's pause as its `VMResumed` says it (the planner reads this instead).
+            if outcome.resumed_at is None and outcome.paused_ms is None:
+                continue  # skipped, or never stopped
+            record = run.vm_records.setdefault(outcome.vm, VMRecord())
+            record.paused_at = outcome.paused_at or record.paused_at
+            record.resumed_at = outcome.resumed_at
+            record.paused_ms = outcome.paused_ms
+            record.forced = outcome.forced
+            record.resumed_ok = outcome.outcome == "resumed"
         run.state = "done" if event.ok else "failed"
         await self.store.save_host(run)
         if event.ok:

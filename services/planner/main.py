@@ -56,7 +56,6 @@ from shared.contracts import (
     Page,
     RolloutRef,
     RolloutSubmit,
-    VMResumed,
     ensure_on_subject,
 )
 from shared.logs import setup_logging
@@ -329,10 +328,6 @@ def build_app(settings: PlannerSettings) -> FastStream:
     @per_vm("patched", subjects.host_patched(), "Patch results.")
     async def on_patched() -> None:
         await apply_batch(HostPatched, RolloutEngine.on_patched)
-
-    @per_vm("resumed", subjects.vm_resumed(), "VM resumes.")
-    async def on_resumed() -> None:
-        await apply_batch(VMResumed, RolloutEngine.on_resumed)
 
     @durable("completed", subjects.host_completed(), "Host windows closed.")
     async def on_completed(event: MaintenanceCompleted) -> None:
