@@ -17,6 +17,7 @@ from services.planner.waves import WavePlan, check_plan
 from shared.bus import read_bucket
 from shared.client import connect
 from shared.contracts import (
+    ClockSynced,
     Event,
     HostInventory,
     HostPaused,
@@ -28,7 +29,6 @@ from shared.contracts import (
     RolloutStatus,
     RolloutSubmit,
     VMInfo,
-    VMResumed,
     VMWindowOutcome,
     utcnow,
 )
@@ -648,19 +648,41 @@ async def test_a_report_page_of_many_large_hosts_still_fits_in_one_message(fleet
         await fleet.tick()
         starts = [e for e in fleet.published if isinstance(e, MaintenanceStarted)]
         for started in starts[done:]:
-            for name in started.vms:  # what the agent reports of each VM, as in a real window
-                await fleet.engine.on_resumed(
-                    VMResumed(
+            # What the agent reports of each VM, as in a real window.
+            outcomes = [
+                VMWindowOutcome(
+                    vm=name,
+                    outcome="resumed",
+                    paused_ms=100.0,
+                    paused_at=fleet.clock.now,
+                    resumed_at=fleet.clock.now + timedelta(milliseconds=100),
+                )
+                for name in started.vms
+            ]
+            await fleet.engine.on_completed(
+                MaintenanceCompleted(
+                    host=started.host,
+                    rollout_id=started.rollout_id,
+                    scheduled_event_id=started.scheduled_event_id,
+                    ok=True,
+                    window_ms=101,
+                    patch_ms=1,
+                    overhead_ms=0,
+                    vms=outcomes,
+                )
+            )
+            for name in started.vms:  # and clock-sync's result for each (no guest clock here)
+                await fleet.engine.on_clock(
+                    ClockSynced(
                         host=started.host,
                         vm=name,
                         rollout_id=started.rollout_id,
-                        paused_at=fleet.clock.now,
-                        resumed_at=fleet.clock.now + timedelta(milliseconds=100),
-                        paused_ms=100.0,
-                        budget_ms=30000.0,
+                        ok=False,
+                        method="none",
+                        attempts=1,
+                        error="no guest agent",
                     )
                 )
-            await fleet.complete(started)
         done = len(starts)
     assert rollout.state == "completed"
     # 500 hosts asked for, each with 20 VMs' records: several MiB. The page stops short of

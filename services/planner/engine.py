@@ -42,8 +42,6 @@ from shared.contracts import (
     RolloutStatus,
     RolloutSubmit,
     VMInfo,
-    VMPaused,
-    VMResumed,
     utcnow,
 )
 from shared.logs import log_context
@@ -400,25 +398,12 @@ class RolloutEngine:
         await self.store.save_host(run)
         await self.store.save_rollout(rollout)
 
-    def _vm_record(
-        self, event: VMPaused | VMResumed | ClockSynced
-    ) -> tuple[HostRun, VMRecord] | None:
+    def _vm_record(self, event: ClockSynced) -> tuple[HostRun, VMRecord] | None:
         """The host record of the event's rollout and the VM's record in it, if it is ours."""
         run = self._run_for(event.rollout_id, event.host)
         if run is None:
             return None
         return run, run.vm_records.setdefault(event.vm, VMRecord())
-
-    async def on_paused(self, event: VMPaused) -> None:
-        """Record a VM's pause."""
-        found = self._vm_record(event)
-        if found is None:
-            return
-        run, record = found
-        if record.paused_at == event.paused_at:
-            return
-        record.paused_at = event.paused_at
-        self.store.mark_host(run)
 
     async def on_host_paused(self, event: HostPaused) -> None:
         """Record the pause of every VM a host's window stopped, as each one's `VMPaused` would
@@ -443,21 +428,6 @@ class RolloutEngine:
         run.patch_ok, run.patch_ms = event.ok, event.patch_ms
         if not event.ok:
             run.error = event.error
-        self.store.mark_host(run)
-
-    async def on_resumed(self, event: VMResumed) -> None:
-        """Record a VM's resume."""
-        found = self._vm_record(event)
-        if found is None:
-            return
-        run, record = found
-        if record.resumed_at == event.resumed_at:
-            return
-        record.paused_at = event.paused_at
-        record.resumed_at = event.resumed_at
-        record.paused_ms = event.paused_ms
-        record.forced = event.forced
-        record.resumed_ok = event.ok
         self.store.mark_host(run)
 
     async def on_clock(self, event: ClockSynced) -> None:
