@@ -66,10 +66,14 @@ class Fleet:
                 await self.complete(event)
 
     async def complete(
-        self, started: MaintenanceStarted, ok: bool = True, error: str | None = None
+        self,
+        started: MaintenanceStarted,
+        ok: bool = True,
+        error: str | None = None,
+        vms: list[VMWindowOutcome] | None = None,
     ) -> None:
         """The agent's report of a window (successful unless told) for a start the engine
-        published."""
+        published, with what happened to each VM (`vms`) if given."""
         await self.engine.on_completed(
             MaintenanceCompleted(
                 host=started.host,
@@ -80,6 +84,7 @@ class Fleet:
                 patch_ms=1,
                 overhead_ms=0,
                 error=error,
+                vms=vms or [],
             )
         )
 
@@ -659,18 +664,7 @@ async def test_a_report_page_of_many_large_hosts_still_fits_in_one_message(fleet
                 )
                 for name in started.vms
             ]
-            await fleet.engine.on_completed(
-                MaintenanceCompleted(
-                    host=started.host,
-                    rollout_id=started.rollout_id,
-                    scheduled_event_id=started.scheduled_event_id,
-                    ok=True,
-                    window_ms=101,
-                    patch_ms=1,
-                    overhead_ms=0,
-                    vms=outcomes,
-                )
-            )
+            await fleet.complete(started, vms=outcomes)
             for name in started.vms:  # and clock-sync's result for each (no guest clock here)
                 await fleet.engine.on_clock(
                     ClockSynced(
@@ -727,26 +721,10 @@ async def test_a_hosts_completion_gives_each_vm_its_pause_and_resume(fleet: Flee
     rollout = fleet.engine.rollouts[started.rollout_id]
     assert fleet.engine.summary(rollout)["vms_paused_now"] == 1
     resumed_at = paused_at + timedelta(milliseconds=120)
-    await fleet.engine.on_completed(
-        MaintenanceCompleted(
-            host="h0",
-            rollout_id=started.rollout_id,
-            scheduled_event_id=started.scheduled_event_id,
-            ok=True,
-            window_ms=121,
-            patch_ms=100,
-            overhead_ms=21,
-            vms=[
-                VMWindowOutcome(
-                    vm="v0",
-                    outcome="resumed",
-                    paused_ms=120.0,
-                    paused_at=paused_at,
-                    resumed_at=resumed_at,
-                )
-            ],
-        )
+    outcome = VMWindowOutcome(
+        vm="v0", outcome="resumed", paused_ms=120.0, paused_at=paused_at, resumed_at=resumed_at
     )
+    await fleet.complete(started, vms=[outcome])
     record = fleet.engine.hosts[(started.rollout_id, "h0")].vm_records["v0"]
     assert (record.paused_at, record.resumed_at, record.paused_ms) == (paused_at, resumed_at, 120)
     assert record.resumed_ok and not record.forced
