@@ -548,7 +548,7 @@ class _TraceContext(BaseMiddleware):  # type: ignore[type-arg]
     ) -> Any:
         if isinstance(self.msg, list) or "traceparent" not in msg.headers:
             return await call_next(msg)
-        token = otel_context.attach(propagate.extract(msg.headers))
+        token = otel_context.attach(context_of(msg.raw_message))
         try:
             return await call_next(msg)
         finally:
