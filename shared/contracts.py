@@ -342,6 +342,42 @@ class ClockSynced(VMEvent):
         return subjects.vm_clock(self.host, self.vm)
 
 
+class VMClock(Message):
+    """One VM's clock sync as its `ClockSynced` says it, without the envelope."""
+
+    ok: bool = Field(description="The guest clock is set and verified.")
+    skew_before_ms: float | None = Field(default=None, description="guest - host before the set.")
+    skew_after_ms: float | None = Field(default=None, description="guest - host after the set.")
+    method: ClockMethod = Field(description="host-time (ns precision), rtc, or none.")
+    attempts: int = Field(ge=0, description="Tries made.")
+    error: str | None = Field(default=None, description="Why not ok.")
+
+    @classmethod
+    def of(cls, event: ClockSynced) -> VMClock:
+        """What `event` says of its VM's clock."""
+        return cls(
+            ok=event.ok,
+            skew_before_ms=event.skew_before_ms,
+            skew_after_ms=event.skew_after_ms,
+            method=event.method,
+            attempts=event.attempts,
+            error=event.error,
+        )
+
+
+class HostClockSynced(HostEvent):
+    """Clock syncs of a host's VMs done together, at once (besides each one's `ClockSynced`,
+    published before it): what a reader that follows hosts, not VMs, needs (the planner's end of
+    a wave), in one event instead of one per VM. A host's VMs may come in more than one."""
+
+    type: Literal["HostClockSynced"] = "HostClockSynced"
+    rollout_id: str | None = Field(default=None, description="The rollout.")
+    clocks: dict[Name, VMClock] = Field(description="Each VM's result, as its `ClockSynced`.")
+
+    def subject(self) -> str:
+        return subjects.host_clock(self.host)
+
+
 RolloutState = Literal["planned", "running", "halted", "aborted", "completed", "failed"]
 
 
@@ -377,6 +413,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         VMResumed,
         MaintenanceCompleted,
         ClockSynced,
+        HostClockSynced,
         RolloutStatus,
     )
 }

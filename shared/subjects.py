@@ -76,6 +76,11 @@ def vm_clock(host: str = ANY, vm: str = ANY) -> str:
     return _join("pp.evt.vm", host, vm, "clock")
 
 
+def host_clock(host: str = ANY) -> str:
+    """`HostClockSynced` of one host (clock-sync's results for several of its VMs at once)."""
+    return _join("pp.evt.host", host, "clock")
+
+
 def rollout_status(rollout_id: str = ANY) -> str:
     """`RolloutStatus` of one rollout."""
     return _join("pp.evt.rollout", rollout_id, "status")

@@ -37,7 +37,8 @@ SUBSCRIBED = [
     ("pp.evt.host.h1.completed", {"planner", "notifier"}),
     ("pp.evt.vm.h1.a.paused", {"notifier"}),  # which reads every event
     ("pp.evt.vm.h1.a.resumed", {"clock-sync", "notifier"}),
-    ("pp.evt.vm.h1.a.clock", {"planner"}),
+    ("pp.evt.vm.h1.a.clock", {"notifier"}),
+    ("pp.evt.host.h1.clock", {"planner"}),
 ]
 COMMANDS = [
     "pp.cmd.rollout.submit",

@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from services.clock_sync.sync import result_id
 from shared import subjects
 from shared.client import EventWatcher, PlannerClient
-from shared.contracts import ClockSynced, VMResumed, utcnow
+from shared.contracts import ClockSynced, HostClockSynced, VMClock, VMResumed, utcnow
 from shared.devstack import LocalStack
 from tests.support.fleet import ready, sim_vms, start_core
 
@@ -71,7 +71,13 @@ async def test_an_old_copy_of_a_synced_resume_asks_no_agent_and_reports_nothing_
     )
     assert [r.event_id for r in results] == [result_id(resume)]
     assert results[0].attempts == 1 and results[0].rollout_id == "r-old"
+    # The same result for its host, stored before the resume is acknowledged.
     await consumer_idle(client)
+    hosts = await watcher.wait_for(
+        lambda w: w.events(HostClockSynced, host=HOST), 10, "the host's clock result"
+    )
+    assert hosts[0].rollout_id == "r-old"
+    assert hosts[0].clocks == {resume.vm: VMClock.of(results[0])}
     assert len(asked) == 1 and resume.vm.encode() in asked[0]
 
     # The same resume again (a new message id, so JetStream stores the copy): its result is in
@@ -105,6 +111,58 @@ async def test_an_old_copy_of_a_synced_resume_asks_no_agent_and_reports_nothing_
     await client.nc.flush()
     assert len(asked) == 1, asked
     assert len(watcher.events(ClockSynced, vm=resume.vm)) == 1
+    assert len(watcher.events(HostClockSynced, host=HOST)) == 1
+
+
+async def test_a_resume_delivered_again_whose_vms_result_is_stored_gets_its_hosts_result(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
+) -> None:
+    """A replica that stored a VM's `ClockSynced` and stopped before its host's result (and its
+    ack): the resume comes again, and its host's result goes out with what is stored, the VM's
+    clock not set twice. (The host here has no agent, so the first try fails and the resume is
+    delivered again; its result is stored meanwhile, as that replica would have.)"""
+    client, watcher = bus
+    start_core(stack, notifier=False, PP_CLOCK_RETRY_S="0.3")
+    await ready(stack, client, watcher, [])
+    host = "hv-agentless"
+    now = utcnow()
+    resume = VMResumed(
+        host=host,
+        vm=f"{host}-a",
+        rollout_id="r-again",
+        paused_at=now - timedelta(seconds=1),
+        resumed_at=now,
+        paused_ms=1000.0,
+        budget_ms=30000.0,
+    )
+    js = client.nc.jetstream()
+    await js.publish(
+        resume.subject(),
+        resume.model_dump_json().encode(),
+        headers={"Nats-Msg-Id": str(resume.event_id)},
+    )
+    stored = ClockSynced(
+        event_id=result_id(resume),
+        host=host,
+        vm=resume.vm,
+        rollout_id="r-again",
+        ok=True,
+        skew_before_ms=-1234.0,
+        skew_after_ms=0.25,
+        method="host-time",
+        attempts=1,
+    )
+    await js.publish(
+        stored.subject(),
+        stored.model_dump_json().encode(),
+        headers={"Nats-Msg-Id": str(stored.event_id)},
+    )
+    [result] = await watcher.wait_for(
+        lambda w: w.events(HostClockSynced, host=host), 20, "the host's clock result"
+    )
+    assert result.rollout_id == "r-again" and result.clocks == {resume.vm: VMClock.of(stored)}
+    await consumer_idle(client)
+    assert [e.event_id for e in watcher.events(ClockSynced, vm=resume.vm)] == [stored.event_id]
 
 
 async def test_a_result_carries_on_the_trace_of_its_resume_from_a_replica_that_exports_nothing(

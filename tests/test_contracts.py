@@ -48,7 +48,8 @@ def test_every_event_knows_its_type_and_subject() -> None:
     assert subjects.vm_paused() == "pp.evt.vm.*.*.paused"
     assert set(EVENT_TYPES) >= {
         "HostInventory", "MaintenancePlanned", "MaintenanceApproved", "MaintenanceStarted",
-        "VMPaused", "HostPaused", "HostPatched", "VMResumed", "ClockSynced", "RolloutStatus",
+        "VMPaused", "HostPaused", "HostPatched", "VMResumed", "ClockSynced", "HostClockSynced",
+        "RolloutStatus",
     }  # fmt: skip
 
 

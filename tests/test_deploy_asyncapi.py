@@ -43,7 +43,7 @@ def test_documents_show_what_each_service_consumes_with_contract_schemas() -> No
         subjects.host_paused(),
         subjects.host_patched(),
         subjects.host_completed(),
-        subjects.vm_clock(),
+        subjects.host_clock(),
         *(subjects.rollout_command(v) for v in ("submit", "get", "list", "halt", "abort")),
     }
     assert addresses("clock-sync") == {subjects.vm_resumed()}

@@ -19,6 +19,7 @@ from shared.client import connect
 from shared.contracts import (
     ClockSynced,
     Event,
+    HostClockSynced,
     HostInventory,
     HostPaused,
     MaintenanceCancelled,
@@ -28,6 +29,7 @@ from shared.contracts import (
     PatchSpec,
     RolloutStatus,
     RolloutSubmit,
+    VMClock,
     VMInfo,
     VMWindowOutcome,
     utcnow,
@@ -729,3 +731,56 @@ async def test_a_hosts_completion_gives_each_vm_its_pause_and_resume(fleet: Flee
     assert (record.paused_at, record.resumed_at, record.paused_ms) == (paused_at, resumed_at, 120)
     assert record.resumed_ok and not record.forced
     assert fleet.engine.summary(rollout)["vms_paused_now"] == 0
+
+
+async def test_a_wave_ends_with_the_last_of_its_hosts_clock_results_however_they_are_split(
+    fleet: Fleet,
+) -> None:
+    """The planner reads no `ClockSynced`: a host's clock results come in `HostClockSynced`,
+    perhaps in parts (two fetches, two clock-sync replicas), perhaps again (a redelivery); the
+    wave waits for every resumed VM's, and the first result of each VM is the one kept."""
+    fleet.report("h0", [vm("a", None, None), vm("b", None, None)])
+    fleet.report("h1", [vm("c", None, None)])
+    rollout = await fleet.engine.submit(
+        RolloutSubmit(
+            update_id="u", patch=PatchSpec(duration_s=0), notice_s=0, max_hosts_in_flight=1
+        )
+    )
+    await fleet.tick(0)
+    await fleet.tick(0)
+    [started] = [e for e in fleet.published if isinstance(e, MaintenanceStarted)]
+    assert started.host == "h0"
+    now = fleet.clock.now
+    outcomes = [
+        VMWindowOutcome(vm=name, outcome="resumed", paused_ms=50.0, paused_at=now, resumed_at=now)
+        for name in ("a", "b")
+    ]
+    await fleet.complete(started, vms=outcomes)
+
+    def clocks(**results: float) -> HostClockSynced:
+        return HostClockSynced(
+            host="h0",
+            rollout_id=rollout.rollout_id,
+            clocks={
+                name: VMClock(
+                    ok=True, skew_before_ms=skew, skew_after_ms=0.5, method="host-time", attempts=1
+                )
+                for name, skew in results.items()
+            },
+        )
+
+    await fleet.engine.on_host_clock(clocks(a=-50.0))
+    await fleet.tick(0)
+    assert started_hosts(fleet.published) == ["h0"]  # b's clock is not known yet
+    await fleet.engine.on_host_clock(clocks(a=-999.0, b=-51.0))  # a again: the first one stays
+    await fleet.tick(0)
+    assert started_hosts(fleet.published) == ["h0", "h1"]
+    records = fleet.engine.hosts[(rollout.rollout_id, "h0")].vm_records
+    assert {n: (r.clock_ok, r.skew_before_ms) for n, r in records.items()} == {
+        "a": (True, -50.0),
+        "b": (True, -51.0),
+    }
+    # A result for a host of no rollout of ours changes nothing (and raises nothing).
+    await fleet.engine.on_host_clock(
+        HostClockSynced(host="h9", rollout_id=rollout.rollout_id, clocks={})
+    )

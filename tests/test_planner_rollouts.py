@@ -15,6 +15,8 @@ import pytest
 
 from shared.client import CommandError, EventWatcher, PlannerClient, connect
 from shared.contracts import (
+    ClockSynced,
+    HostClockSynced,
     HostInventory,
     HostPaused,
     MaintenanceApproved,
@@ -22,6 +24,7 @@ from shared.contracts import (
     MaintenanceCompleted,
     MaintenancePlanned,
     MaintenanceStarted,
+    VMClock,
     VMInfo,
     VMPaused,
     VMResumed,
@@ -458,3 +461,34 @@ async def test_the_planner_counts_the_vms_paused_now_from_each_hosts_pause_event
     await watcher.wait_for(status_reached(rid), 60, "the rollout")
     summary = await client.call("get", {"rollout_id": rid, "summary": True})
     assert summary["vms_paused_now"] == 0 and summary["state"] == "completed"
+
+
+async def test_the_planner_has_every_vms_clock_result_from_its_hosts_clock_events(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
+) -> None:
+    """The planner reads one `HostClockSynced` per host (clock-sync's results for the VMs it
+    handled together), not each VM's `ClockSynced`: its report still has every VM's result,
+    the same as the VM's own event says."""
+    client, watcher = bus
+    start_core(stack, notifier=False)
+    start_fleet(stack, HOSTS[:2])
+    await ready(stack, client, watcher, HOSTS[:2])
+    rollout = await client.submit(
+        {"update_id": "clocks", "patch": {"duration_s": 0.05}, "notice_s": 0}
+    )
+    rid = rollout["rollout_id"]
+    await watcher.wait_for(status_reached(rid), 60, "the rollout")
+    synced = {(e.host, e.vm): e for e in watcher.events(ClockSynced, rollout_id=rid)}
+    by_host = watcher.events(HostClockSynced, rollout_id=rid)
+    assert len(synced) == 6
+    assert sorted((e.host, vm) for e in by_host for vm in e.clocks) == sorted(synced)
+    for event in by_host:
+        for vm, clock in event.clocks.items():
+            assert clock == VMClock.of(synced[(event.host, vm)])
+    report = await client.get(rid)
+    records = {
+        (h["host"], vm): (r["clock_ok"], r["clock_method"], r["clock_error"])
+        for h in report["hosts"]
+        for vm, r in h["vm_records"].items()
+    }
+    assert records == {key: (e.ok, e.method, e.error) for key, e in synced.items()}

@@ -45,7 +45,7 @@ PLANNER_DURABLES = {
     "planner-host-paused": subjects.host_paused(),
     "planner-patched": subjects.host_patched(),
     "planner-completed": subjects.host_completed(),
-    "planner-clock": subjects.vm_clock(),
+    "planner-host-clock": subjects.host_clock(),
     "planner-inventory": subjects.host_inventory(),
 }
 """The planner's durable pull consumers and their filters (services/planner/main.py)."""
@@ -200,13 +200,15 @@ def notifier() -> User:
 
 
 def clock_sync() -> User:
-    """Consumes `VMResumed`, asks the host's agent to set the clock, reports `ClockSynced`; reads
-    a VM's last `ClockSynced` from the stream when an old copy of a resume comes again."""
+    """Consumes `VMResumed`, asks the host's agent to set the clock, reports `ClockSynced` (and
+    `HostClockSynced` per host); reads a VM's last `ClockSynced` from the stream when an old
+    copy of a resume comes again."""
     return User(
         "clock-sync",
         "clock-sync: asks host-agents to set guest clocks, reports the skew",
         publish=[
             subjects.vm_clock(),
+            subjects.host_clock(),
             subjects.host_clock_command(),
             subjects.dead_letter("clock-sync"),
             f"$JS.API.STREAM.INFO.{STREAM}",

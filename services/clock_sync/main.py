@@ -3,7 +3,8 @@
 
 After every resume, has the VM's host-agent set the guest clock from the host clock, checks the
 skew left, retries (JetStream redelivery with a delay, so one slow guest never holds up the
-others) and reports `ClockSynced`.
+others) and reports `ClockSynced`; the results of a host's VMs handled together are reported once
+more, at once, in one `HostClockSynced` (what the planner reads: one event per host, not per VM).
 
 A resume is handled once: the result of a resume has a fixed id (JetStream stores it once within
 its two-minute de-duplication window), and an older copy of a resume (a redelivery, a replay) is
@@ -16,7 +17,9 @@ import asyncio
 import itertools
 import json
 import logging
+import uuid
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -48,6 +51,8 @@ from shared.contracts import (
     ClockReading,
     ClockReadings,
     ClockSynced,
+    HostClockSynced,
+    VMClock,
     VMResumed,
     utcnow,
 )
@@ -57,8 +62,18 @@ from shared.telemetry import setup_telemetry
 
 SERVICE = "clock-sync"
 RECENT = timedelta(seconds=DUPLICATE_WINDOW_S / 2)
+HOST_RESULT = uuid.UUID("5f0c2a52-7d1e-4c55-9a1b-6a3c1f0d2e11")
+"""Namespace of a `HostClockSynced`'s id (made of its VMs' result ids)."""
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Synced:
+    """A VM's result, and the publish storing it (None: it is in the stream already)."""
+
+    result: ClockSynced
+    storing: asyncio.Future[Any] | None
 
 
 class ClockSyncSettings(BusSettings):
@@ -102,13 +117,15 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
     async def on_resumed() -> None:
         items = await read_batch(broker, SERVICE, (VMResumed,), settings.max_message_bytes)
         # The batch is handled in the background: the next one is fetched while this one waits
-        # on its hosts' agents and on the stream's acks (each message is acknowledged by itself,
-        # once its result is stored). `in_flight` bounds how many wait at once.
+        # on its hosts' agents and on the stream's acks (each message is acknowledged once its
+        # result and its host's are stored). `in_flight` bounds how many wait at once.
         for _ in items:
             await in_flight.acquire()
-        task = asyncio.ensure_future(
-            asyncio.gather(*(sync_one(event, raw) for event, raw in items))  # type: ignore[arg-type]
-        )
+        hosts: dict[tuple[str, str | None], list[tuple[VMResumed, Msg]]] = {}
+        for event, raw in items:
+            assert isinstance(event, VMResumed)
+            hosts.setdefault((event.host, event.rollout_id), []).append((event, raw))
+        task = asyncio.ensure_future(asyncio.gather(*(sync_host(g) for g in hosts.values())))
         pending.add(task)
         task.add_done_callback(pending.discard)
         task.add_done_callback(lambda _: release(len(items)))
@@ -126,32 +143,83 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
             return tracer.start_as_current_span(f"clock.sync {event.vm}", context=context)
         return trace.use_span(trace.get_current_span(context), end_on_exit=False)
 
-    async def sync_one(event: VMResumed, raw: Msg) -> None:
-        """One resumed VM, in the trace of its pause."""
+    async def sync_host(group: list[tuple[VMResumed, Msg]]) -> None:
+        """The resumes of one host in a batch: each VM's `ClockSynced` and one `HostClockSynced`
+        with them all, stored together; then each resume is acknowledged (a crash in between
+        redelivers them, and their host's result goes out again)."""
+        synced = await asyncio.gather(*(sync_one(event, raw) for event, raw in group))
+        done = [(raw, s) for (_, raw), s in zip(group, synced, strict=True) if s is not None]
+        if not done:
+            return
+        first, first_raw = group[0]
+        with (
+            trace.use_span(trace.get_current_span(context_of(first_raw)), end_on_exit=False),
+            log_context(rollout=first.rollout_id, host=first.host),
+        ):
+            stored = await asyncio.gather(
+                publisher.publish(host_result(first.host, first.rollout_id, [s for _, s in done])),
+                *(s.storing for _, s in done if s.storing is not None),
+                return_exceptions=True,
+            )
+            failed = [e for e in stored if isinstance(e, BaseException)]
+            if failed:
+                log.error("clock results not stored (%r): retrying", failed[0])
+                for raw, _ in done:
+                    await raw.nak(delay=settings.clock_retry_s)
+                return
+        for raw, _ in done:
+            await raw.ack()
+
+    def host_result(host: str, rollout_id: str | None, done: list[Synced]) -> HostClockSynced:
+        # The same results make the same event: published again (a redelivery, another
+        # replica), JetStream stores it once.
+        ids = ",".join(sorted(str(s.result.event_id) for s in done))
+        return HostClockSynced(
+            event_id=uuid.uuid5(HOST_RESULT, ids),
+            host=host,
+            rollout_id=rollout_id,
+            clocks={s.result.vm: VMClock.of(s.result) for s in done},
+        )
+
+    async def sync_one(event: VMResumed, raw: Msg) -> Synced | None:
+        """One resumed VM, in the trace of its pause: its result (being stored), acknowledged
+        with its host's; None once it is handled otherwise (retried later, or acknowledged)."""
         with (
             in_trace(event, raw),
             log_context(rollout=event.rollout_id, host=event.host, vm=event.vm),
         ):
             try:
-                await sync(event, raw)
+                result = await sync(event, raw)
             except Exception:
                 log.exception("clock sync failed; retrying")
                 await raw.nak(delay=settings.clock_retry_s)
+                return None
+            if isinstance(result, Synced):
+                return result
+            if result is None:
+                return None
+            # Sent from here, in the VM's trace; stored along with its host's result.
+            return Synced(result, asyncio.ensure_future(publisher.publish(result)))
 
-    async def sync(event: VMResumed, raw: Msg) -> None:
+    async def sync(event: VMResumed, raw: Msg) -> ClockSynced | Synced | None:
+        """The VM's result to store, one already stored (`Synced`), or None: handled."""
         attempt = raw.metadata.num_delivered or 1
         # A fresh first delivery cannot be a duplicate that JetStream would not catch: its
         # result id is de-duplicated by the stream for two minutes. Only older copies (a
         # replay, a redelivery) are looked up in the stream.
         fresh = attempt == 1 and utcnow() - event.occurred_at < RECENT
-        if not fresh and await synced_since(event):
-            log.info("resume %s already synced: ignoring the duplicate", event.event_id)
-            await raw.ack()
-            return
+        if not fresh:
+            stored = await synced_since(event)
+            if stored is not None:
+                log.info("resume %s already synced: ignoring the duplicate", event.event_id)
+                if attempt > 1 and stored.event_id == result_id(event):
+                    # Delivered again, not replayed: this replica (or another) stored the VM's
+                    # result and may have stopped before its host's; that one goes out again.
+                    return Synced(stored, None)
+                await raw.ack()
+                return None
         if not event.ok:
-            await publisher.publish(clock_result(event, None, False, 0, "VM was not resumed"))
-            await raw.ack()
-            return
+            return clock_result(event, None, False, 0, "VM was not resumed")
         reading, failure = await ask_agent(event)
         decision = decide(
             event,
@@ -165,9 +233,7 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
         if decision.event is None:
             log.info("clock not set yet (attempt %d): retrying", attempt)
             await raw.nak(delay=decision.retry_in_s)
-            return
-        await publisher.publish(decision.event)
-        await raw.ack()
+            return None
         # One line per VM: info when something is wrong, debug otherwise (fleets are large).
         log.log(
             logging.DEBUG if decision.event.ok else logging.INFO,
@@ -176,23 +242,26 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
             _ms(decision.event.skew_before_ms),
             _ms(decision.event.skew_after_ms),
         )
+        return decision.event
 
-    async def synced_since(event: VMResumed) -> bool:
-        """The VM's last `ClockSynced` in the stream is this resume's result, or came after it
-        (a later resume's: setting the clock again for this one would change nothing)."""
+    async def synced_since(event: VMResumed) -> ClockSynced | None:
+        """The VM's last `ClockSynced` in the stream, when it is this resume's result or came
+        after it (a later resume's: setting the clock again for this one would change nothing)."""
         js = broker.config.connection_state.stream
         try:
             last = await js.get_last_msg(
                 subjects.STREAM_NAME, subjects.vm_clock(event.host, event.vm)
             )
         except NotFoundError:
-            return False
+            return None
         try:
             body = json.loads(last.data or b"")
             stored = ClockSynced.model_validate(body)
         except (ValueError, ValidationError):
-            return False  # not a result we can read: better sync again than never
-        return stored.event_id == result_id(event) or stored.occurred_at >= event.occurred_at
+            return None  # not a result we can read: better sync again than never
+        if stored.event_id == result_id(event) or stored.occurred_at >= event.occurred_at:
+            return stored
+        return None
 
     asked = itertools.count(1)
 

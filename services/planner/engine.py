@@ -30,6 +30,7 @@ from shared.contracts import (
     ClockSynced,
     ErrorReply,
     Event,
+    HostClockSynced,
     HostInventory,
     HostPatched,
     HostPaused,
@@ -41,6 +42,7 @@ from shared.contracts import (
     MaintenanceStarted,
     RolloutStatus,
     RolloutSubmit,
+    VMClock,
     VMInfo,
     utcnow,
 )
@@ -398,13 +400,6 @@ class RolloutEngine:
         await self.store.save_host(run)
         await self.store.save_rollout(rollout)
 
-    def _vm_record(self, event: ClockSynced) -> tuple[HostRun, VMRecord] | None:
-        """The host record of the event's rollout and the VM's record in it, if it is ours."""
-        run = self._run_for(event.rollout_id, event.host)
-        if run is None:
-            return None
-        return run, run.vm_records.setdefault(event.vm, VMRecord())
-
     async def on_host_paused(self, event: HostPaused) -> None:
         """Record the pause of every VM a host's window stopped, as each one's `VMPaused` would
         (what `vms_paused_now` counts; each record gets its times again with its resume)."""
@@ -432,18 +427,30 @@ class RolloutEngine:
 
     async def on_clock(self, event: ClockSynced) -> None:
         """Record a VM's clock sync."""
-        found = self._vm_record(event)
-        if found is None:
+        await self.on_host_clock(
+            HostClockSynced(
+                host=event.host, rollout_id=event.rollout_id, clocks={event.vm: VMClock.of(event)}
+            )
+        )
+
+    async def on_host_clock(self, event: HostClockSynced) -> None:
+        """Record the clock syncs of a host's VMs (the first result of each VM counts)."""
+        run = self._run_for(event.rollout_id, event.host)
+        if run is None:
             return
-        run, record = found
-        if record.clock_ok is not None:
-            return
-        record.clock_ok = event.ok
-        record.clock_method = event.method
-        record.skew_before_ms = event.skew_before_ms
-        record.skew_after_ms = event.skew_after_ms
-        record.clock_error = event.error
-        self.store.mark_host(run)
+        changed = False
+        for vm, clock in event.clocks.items():
+            record = run.vm_records.setdefault(vm, VMRecord())
+            if record.clock_ok is not None:
+                continue
+            record.clock_ok = clock.ok
+            record.clock_method = clock.method
+            record.skew_before_ms = clock.skew_before_ms
+            record.skew_after_ms = clock.skew_after_ms
+            record.clock_error = clock.error
+            changed = True
+        if changed:
+            self.store.mark_host(run)
 
     async def on_completed(self, event: MaintenanceCompleted) -> None:
         """A host's window is over: done, or a failure counted against the budget."""

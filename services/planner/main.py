@@ -45,8 +45,8 @@ from shared.bus import (
     read_batch,
 )
 from shared.contracts import (
-    ClockSynced,
     Event,
+    HostClockSynced,
     HostInventory,
     HostPatched,
     HostPaused,
@@ -335,9 +335,11 @@ def build_app(settings: PlannerSettings) -> FastStream:
         ensure_on_subject(event, msg.raw_message.subject)
         await apply(lambda e: e.on_completed(event))
 
-    @per_vm("clock", subjects.vm_clock(), "Clock sync results.")
-    async def on_clock() -> None:
-        await apply_batch(ClockSynced, RolloutEngine.on_clock)
+    # Clock results likewise: one `HostClockSynced` per host (clock-sync's results for a host's
+    # VMs handled together), not one `ClockSynced` per VM.
+    @per_vm("host-clock", subjects.host_clock(), "Clock sync results of a host's VMs.")
+    async def on_host_clock() -> None:
+        await apply_batch(HostClockSynced, RolloutEngine.on_host_clock)
 
     # ---------------------------------------------------------------- lifecycle
 
