@@ -1004,10 +1004,15 @@ class EventPublisher:
 
     async def publish(self, event: Event) -> None:
         """Queue `event` and wait until the stream has stored it."""
+        await self.storing(event)
+
+    def storing(self, event: Event) -> asyncio.Future[None]:
+        """Queue `event`; the future is done once the stream has stored it (a publish awaited
+        later, or together with others, without a task of its own)."""
         self.start()
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(event, otel_context.get_current(), done))
-        await done
+        return done
 
     @property
     def backlog(self) -> int:

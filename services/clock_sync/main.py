@@ -73,7 +73,7 @@ class Synced:
     """A VM's result, and the publish storing it (None: it is in the stream already)."""
 
     result: ClockSynced
-    storing: asyncio.Future[Any] | None
+    storing: asyncio.Future[None] | None
 
 
 class ClockSyncSettings(BusSettings):
@@ -198,8 +198,8 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
                 return result
             if result is None:
                 return None
-            # Sent from here, in the VM's trace; stored along with its host's result.
-            return Synced(result, asyncio.ensure_future(publisher.publish(result)))
+            # Queued from here, in the VM's trace; awaited along with its host's result.
+            return Synced(result, publisher.storing(result))
 
     async def sync(event: VMResumed, raw: Msg) -> ClockSynced | Synced | None:
         """The VM's result to store, one already stored (`Synced`), or None: handled."""
