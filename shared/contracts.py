@@ -354,8 +354,9 @@ class VMClock(Message):
 
     @classmethod
     def of(cls, event: ClockSynced) -> VMClock:
-        """What `event` says of its VM's clock."""
-        return cls(
+        """What `event` says of its VM's clock (read from a valid event: not validated again,
+        one per VM)."""
+        return cls.model_construct(
             ok=event.ok,
             skew_before_ms=event.skew_before_ms,
             skew_after_ms=event.skew_after_ms,
