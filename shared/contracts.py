@@ -368,7 +368,7 @@ class VMClock(Message):
 
 class HostClockSynced(HostEvent):
     """Clock syncs of a host's VMs done together, at once (besides each one's `ClockSynced`,
-    published before it): what a reader that follows hosts, not VMs, needs (the planner's end of
+    stored along with it): what a reader that follows hosts, not VMs, needs (the planner's end of
     a wave), in one event instead of one per VM. A host's VMs may come in more than one."""
 
     type: Literal["HostClockSynced"] = "HostClockSynced"
