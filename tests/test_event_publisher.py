@@ -10,6 +10,9 @@ from datetime import timedelta
 
 import pytest
 from nats.aio.msg import Msg
+from opentelemetry import baggage, trace
+from opentelemetry import context as otel_context
+from opentelemetry.trace import NonRecordingSpan, SpanContext
 
 from services.host_agent.agent import HostAgentSettings
 from shared import subjects
@@ -118,3 +121,53 @@ async def test_jetstream_requests_wait_as_long_as_the_settings_say(nats_server: 
             await declare_streams(broker)  # and the context works
         finally:
             await broker.stop()
+
+
+async def test_each_event_carries_the_trace_context_it_was_emitted_in(
+    nats_server: NatsServer,
+) -> None:
+    """The events of one window share a span context, and what the propagators write for it is
+    used again: an event emitted in another context, or with baggage, still carries its own."""
+    broker = make_broker("host-agent", BusSettings(nats_url=nats_server.url), setup_telemetry("t"))
+    await broker.connect()
+    await declare_streams(broker)
+    publisher = EventPublisher(broker)
+
+    def span(trace_id: int, span_id: int) -> otel_context.Context:
+        return trace.set_span_in_context(
+            NonRecordingSpan(SpanContext(trace_id, span_id, is_remote=True))
+        )
+
+    window_a, window_b = span(0xA1, 0xA2), span(0xB1, 0xB2)
+    with_baggage = baggage.set_baggage("tenant", "t-7", context=window_a)
+    contexts = [window_a, window_a, window_b, with_baggage, window_a, None, window_b]
+    now = utcnow()
+    events = []
+    for i, ctx in enumerate(contexts):
+        event = VMResumed(
+            host="h1", vm=f"vm-{i}", paused_at=now, resumed_at=now, paused_ms=1.0, budget_ms=1e4
+        )
+        token = otel_context.attach(ctx) if ctx is not None else None
+        try:
+            publisher.emit(event)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+        events.append(event)
+    nc = await connect(nats_server.url)
+    try:
+        assert await publisher.drain(timeout=10)
+        sub = await nc.jetstream().pull_subscribe(subjects.vm_resumed(), durable=None)
+        stored: list[Msg] = []
+        while len(stored) < len(events):
+            stored.extend(await sub.fetch(len(events), timeout=5))
+        headers = [dict(m.headers or {}) for m in stored]
+        parents = [h.get("traceparent") for h in headers]
+        a = f"00-{0xA1:032x}-{0xA2:016x}-00"
+        b = f"00-{0xB1:032x}-{0xB2:016x}-00"
+        assert parents == [a, a, b, a, a, None, b]
+        assert [h.get("baggage") for h in headers] == [None, None, None, "tenant=t-7"] + [None] * 3
+    finally:
+        await publisher.stop()
+        await nc.close()
+        await broker.stop()
