@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from nats.aio.msg import Msg
 
@@ -19,6 +19,20 @@ from shared.devstack import LocalStack
 from tests.support.fleet import ready, sim_vms, start_core
 
 HOST = "hv-01"
+
+
+def resumed(host: str, rollout_id: str, at: datetime) -> VMResumed:
+    """The resume, at `at`, of the host's VM `<host>-a` after a 1 s pause."""
+    return VMResumed(
+        host=host,
+        vm=f"{host}-a",
+        rollout_id=rollout_id,
+        occurred_at=at,
+        paused_at=at - timedelta(seconds=1),
+        resumed_at=at,
+        paused_ms=1000.0,
+        budget_ms=30000.0,
+    )
 
 
 async def consumer_idle(client: PlannerClient, timeout: float = 20.0) -> None:
@@ -54,16 +68,7 @@ async def test_an_old_copy_of_a_synced_resume_asks_no_agent_and_reports_nothing_
     # A resume from ten minutes ago, for a VM that has no clock result yet: an old copy
     # (outside the de-duplication window) is looked up, nothing is found, the clock is set.
     then = utcnow() - timedelta(minutes=10)
-    resume = VMResumed(
-        host=HOST,
-        vm=f"{HOST}-a",
-        rollout_id="r-old",
-        occurred_at=then,
-        paused_at=then - timedelta(seconds=1),
-        resumed_at=then,
-        paused_ms=1000.0,
-        budget_ms=30000.0,
-    )
+    resume = resumed(HOST, "r-old", then)
     js = client.nc.jetstream()
     await js.publish(resume.subject(), resume.model_dump_json().encode())
     results = await watcher.wait_for(
@@ -125,16 +130,7 @@ async def test_a_resume_delivered_again_whose_vms_result_is_stored_gets_its_host
     start_core(stack, notifier=False, PP_CLOCK_RETRY_S="0.3")
     await ready(stack, client, watcher, [])
     host = "hv-agentless"
-    now = utcnow()
-    resume = VMResumed(
-        host=host,
-        vm=f"{host}-a",
-        rollout_id="r-again",
-        paused_at=now - timedelta(seconds=1),
-        resumed_at=now,
-        paused_ms=1000.0,
-        budget_ms=30000.0,
-    )
+    resume = resumed(host, "r-again", utcnow())
     js = client.nc.jetstream()
     await js.publish(
         resume.subject(),
@@ -174,16 +170,7 @@ async def test_a_result_carries_on_the_trace_of_its_resume_from_a_replica_that_e
     stack.start_service("clock-sync", "clock_sync", (), OTEL_TRACES_EXPORTER="none")
     stack.add_sim_host(HOST, sim_vms([(f"{HOST}-a", None, None)]))
     await ready(stack, client, watcher, [HOST])
-    now = utcnow()
-    resume = VMResumed(
-        host=HOST,
-        vm=f"{HOST}-a",
-        rollout_id="r-traced",
-        paused_at=now - timedelta(seconds=1),
-        resumed_at=now,
-        paused_ms=1000.0,
-        budget_ms=30000.0,
-    )
+    resume = resumed(HOST, "r-traced", utcnow())
     trace_id, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     await client.nc.jetstream().publish(
         resume.subject(),
