@@ -183,3 +183,36 @@ async def test_a_result_carries_on_the_trace_of_its_resume_from_a_replica_that_e
     )
     # The resume's trace, unrecorded, and no span of clock-sync's own in between.
     assert (stored.headers or {})["traceparent"] == f"00-{trace_id}-{parent}-00"
+
+
+async def test_a_fresh_copy_of_a_resume_under_another_message_id_asks_no_agent_and_reports_nothing(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
+) -> None:
+    """A replay seconds after the resume (its copy stored under another message id): taken for
+    the agent's own resume, it would set the clock again and report its host's result again, in
+    another grouping, under another id, stored anew. It is looked up instead."""
+    client, watcher = bus
+    start_core(stack, notifier=False)
+    stack.add_sim_host(HOST, sim_vms([(f"{HOST}-a", None, None)]))
+    await ready(stack, client, watcher, [HOST])
+    asked: list[bytes] = []
+
+    async def observe(msg: Msg) -> None:
+        asked.append(msg.data)
+
+    await client.nc.subscribe(subjects.host_clock_command(HOST), cb=observe)
+    await client.nc.flush()
+    resume = resumed(HOST, "r-fresh", utcnow())
+    js = client.nc.jetstream()
+    body = resume.model_dump_json().encode()
+    await js.publish(resume.subject(), body, headers={"Nats-Msg-Id": str(resume.event_id)})
+    await watcher.wait_for(lambda w: w.events(HostClockSynced, host=HOST), 20, "the result")
+    await consumer_idle(client)
+    assert len(asked) == 1
+    await js.publish(resume.subject(), body, headers={"Nats-Msg-Id": str(uuid.uuid4())})
+    await watcher.wait_for(lambda w: len(w.events(VMResumed, vm=resume.vm)) == 2, 10, "the copy")
+    await consumer_idle(client)
+    await client.nc.flush()
+    assert len(asked) == 1, asked
+    assert len(watcher.events(ClockSynced, vm=resume.vm)) == 1
+    assert len(watcher.events(HostClockSynced, host=HOST)) == 1

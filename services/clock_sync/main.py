@@ -7,8 +7,9 @@ others) and reports `ClockSynced`; the results of a host's VMs handled together 
 more, at once, in one `HostClockSynced` (what the planner reads: one event per host, not per VM).
 
 A resume is handled once: the result of a resume has a fixed id (JetStream stores it once within
-its two-minute de-duplication window), and an older copy of a resume (a redelivery, a replay) is
-looked up in the stream itself: the VM's last `ClockSynced` tells whether its clock was set since.
+its two-minute de-duplication window), and any other copy of a resume than the agent's own first
+delivery (a redelivery, an older copy, a replay stored under another message id) is looked up in
+the stream itself: the VM's last `ClockSynced` tells whether its clock was set since.
 """
 
 from __future__ import annotations
@@ -204,10 +205,17 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
     async def sync(event: VMResumed, raw: Msg) -> ClockSynced | Synced | None:
         """The VM's result to store, one already stored (`Synced`), or None: handled."""
         attempt = raw.metadata.num_delivered or 1
-        # A fresh first delivery cannot be a duplicate that JetStream would not catch: its
-        # result id is de-duplicated by the stream for two minutes. Only older copies (a
-        # replay, a redelivery) are looked up in the stream.
-        fresh = attempt == 1 and utcnow() - event.occurred_at < RECENT
+        # A fresh first delivery of the agent's own message (its message id is the event's id)
+        # cannot be a duplicate: its result id is de-duplicated by the stream for two minutes.
+        # Anything else (an older copy, a redelivery, a copy stored under another message id:
+        # a replay) is looked up in the stream: a copy set apart by nothing but its message id
+        # would otherwise have its host's result sent again, in another grouping, under another
+        # id, and stored.
+        fresh = (
+            attempt == 1
+            and utcnow() - event.occurred_at < RECENT
+            and (raw.headers or {}).get("Nats-Msg-Id") == str(event.event_id)
+        )
         if not fresh:
             stored = await synced_since(event)
             if stored is not None:
