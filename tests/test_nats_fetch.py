@@ -250,8 +250,15 @@ async def test_a_fetch_waiting_when_its_consumers_leader_dies_asks_the_new_leade
                 durable_name="starts", filter_subject=subjects.host_started(), num_replicas=3
             ),
         )
-        leader = (await js.consumer_info(subjects.STREAM_NAME, "starts")).cluster
-        assert leader is not None and leader.leader
+        # A consumer just made may have no leader yet (its election takes longer on a loaded
+        # machine): wait for it.
+        deadline = asyncio.get_running_loop().time() + 15
+        while True:
+            leader = (await js.consumer_info(subjects.STREAM_NAME, "starts")).cluster
+            if leader is not None and leader.leader:
+                break
+            assert asyncio.get_running_loop().time() < deadline, f"no leader elected: {leader}"
+            await asyncio.sleep(0.05)
         old = next(node for node in cluster.nodes if node.name == leader.leader)
         other = next(node for node in cluster.nodes if node is not old)
         await admin.close()
