@@ -48,15 +48,14 @@ async def consumer_idle(client: PlannerClient, timeout: float = 20.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_an_old_copy_of_a_synced_resume_asks_no_agent_and_reports_nothing_again(
-    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
-) -> None:
-    client, watcher = bus
+async def one_vm_host_watched(
+    stack: LocalStack, client: PlannerClient, watcher: EventWatcher
+) -> list[bytes]:
+    """planner, clock-sync and the agent of `HOST` (one VM) running; returns the list every clock
+    request clock-sync sends to that agent goes to, seen from the side."""
     start_core(stack, notifier=False)
     stack.add_sim_host(HOST, sim_vms([(f"{HOST}-a", None, None)]))
     await ready(stack, client, watcher, [HOST])
-
-    # Every clock request clock-sync sends to the host's agent, seen from the side.
     asked: list[bytes] = []
 
     async def observe(msg: Msg) -> None:
@@ -64,6 +63,14 @@ async def test_an_old_copy_of_a_synced_resume_asks_no_agent_and_reports_nothing_
 
     await client.nc.subscribe(subjects.host_clock_command(HOST), cb=observe)
     await client.nc.flush()
+    return asked
+
+
+async def test_an_old_copy_of_a_synced_resume_asks_no_agent_and_reports_nothing_again(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
+) -> None:
+    client, watcher = bus
+    asked = await one_vm_host_watched(stack, client, watcher)
 
     # A resume from ten minutes ago, for a VM that has no clock result yet: an old copy
     # (outside the de-duplication window) is looked up, nothing is found, the clock is set.
@@ -192,16 +199,7 @@ async def test_a_fresh_copy_of_a_resume_under_another_message_id_asks_no_agent_a
     the agent's own resume, it would set the clock again and report its host's result again, in
     another grouping, under another id, stored anew. It is looked up instead."""
     client, watcher = bus
-    start_core(stack, notifier=False)
-    stack.add_sim_host(HOST, sim_vms([(f"{HOST}-a", None, None)]))
-    await ready(stack, client, watcher, [HOST])
-    asked: list[bytes] = []
-
-    async def observe(msg: Msg) -> None:
-        asked.append(msg.data)
-
-    await client.nc.subscribe(subjects.host_clock_command(HOST), cb=observe)
-    await client.nc.flush()
+    asked = await one_vm_host_watched(stack, client, watcher)
     resume = resumed(HOST, "r-fresh", utcnow())
     js = client.nc.jetstream()
     body = resume.model_dump_json().encode()
