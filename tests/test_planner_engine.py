@@ -17,7 +17,6 @@ from services.planner.waves import WavePlan, check_plan
 from shared.bus import read_bucket
 from shared.client import connect
 from shared.contracts import (
-    ClockSynced,
     Event,
     HostClockSynced,
     HostInventory,
@@ -667,18 +666,15 @@ async def test_a_report_page_of_many_large_hosts_still_fits_in_one_message(fleet
                 for name in started.vms
             ]
             await fleet.complete(started, vms=outcomes)
-            for name in started.vms:  # and clock-sync's result for each (no guest clock here)
-                await fleet.engine.on_clock(
-                    ClockSynced(
-                        host=started.host,
-                        vm=name,
-                        rollout_id=started.rollout_id,
-                        ok=False,
-                        method="none",
-                        attempts=1,
-                        error="no guest agent",
-                    )
+            # and clock-sync's result for each (no guest clock here)
+            no_clock = VMClock(ok=False, method="none", attempts=1, error="no guest agent")
+            await fleet.engine.on_host_clock(
+                HostClockSynced(
+                    host=started.host,
+                    rollout_id=started.rollout_id,
+                    clocks=dict.fromkeys(started.vms, no_clock),
                 )
+            )
         done = len(starts)
     assert rollout.state == "completed"
     # 500 hosts asked for, each with 20 VMs' records: several MiB. The page stops short of

@@ -190,20 +190,18 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
             log_context(rollout=event.rollout_id, host=event.host, vm=event.vm),
         ):
             try:
-                result = await sync(event, raw)
+                return await sync(event, raw)
             except Exception:
                 log.exception("clock sync failed; retrying")
                 await raw.nak(delay=settings.clock_retry_s)
                 return None
-            if isinstance(result, Synced):
-                return result
-            if result is None:
-                return None
-            # Queued from here, in the VM's trace; awaited along with its host's result.
-            return Synced(result, publisher.storing(result))
 
-    async def sync(event: VMResumed, raw: Msg) -> ClockSynced | Synced | None:
-        """The VM's result to store, one already stored (`Synced`), or None: handled."""
+    def store(result: ClockSynced) -> Synced:
+        # Queued from the VM's trace; awaited along with its host's result.
+        return Synced(result, publisher.storing(result))
+
+    async def sync(event: VMResumed, raw: Msg) -> Synced | None:
+        """The VM's result (being stored, or already in the stream), or None: handled."""
         attempt = raw.metadata.num_delivered or 1
         # A fresh first delivery of the agent's own message (its message id is the event's id)
         # cannot be a duplicate: its result id is de-duplicated by the stream for two minutes.
@@ -227,7 +225,7 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
                 await raw.ack()
                 return None
         if not event.ok:
-            return clock_result(event, None, False, 0, "VM was not resumed")
+            return store(clock_result(event, None, False, 0, "VM was not resumed"))
         reading, failure = await ask_agent(event)
         decision = decide(
             event,
@@ -250,7 +248,7 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
             _ms(decision.event.skew_before_ms),
             _ms(decision.event.skew_after_ms),
         )
-        return decision.event
+        return store(decision.event)
 
     async def synced_since(event: VMResumed) -> ClockSynced | None:
         """The VM's last `ClockSynced` in the stream, when it is this resume's result or came

@@ -27,7 +27,6 @@ from services.planner.state import (
 )
 from services.planner.waves import PlanningError, WavePlan, plan_waves
 from shared.contracts import (
-    ClockSynced,
     ErrorReply,
     Event,
     HostClockSynced,
@@ -42,7 +41,6 @@ from shared.contracts import (
     MaintenanceStarted,
     RolloutStatus,
     RolloutSubmit,
-    VMClock,
     VMInfo,
     utcnow,
 )
@@ -424,14 +422,6 @@ class RolloutEngine:
         if not event.ok:
             run.error = event.error
         self.store.mark_host(run)
-
-    async def on_clock(self, event: ClockSynced) -> None:
-        """Record a VM's clock sync."""
-        await self.on_host_clock(
-            HostClockSynced(
-                host=event.host, rollout_id=event.rollout_id, clocks={event.vm: VMClock.of(event)}
-            )
-        )
 
     async def on_host_clock(self, event: HostClockSynced) -> None:
         """Record the clock syncs of a host's VMs (the first result of each VM counts)."""
