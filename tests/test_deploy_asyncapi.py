@@ -58,5 +58,8 @@ def test_documents_show_what_each_service_consumes_with_contract_schemas() -> No
         assert servers["development"]["host"] == "nats:4222"
 
 
-def test_the_notifier_document_shows_its_subscription() -> None:
-    assert subjects.EVENTS_ROOT in addresses("notifier")
+def test_the_notifier_document_shows_its_subscriptions() -> None:
+    assert addresses("notifier") == {subjects.HOST_AND_ROLLOUT_EVENTS, subjects.VM_EVENTS}
+    schemas = document("notifier")["components"]["schemas"]
+    assert {"HostClockSynced", "MaintenanceCompleted", "HostInventory"} <= set(schemas)
+    assert "ClockSynced" not in schemas and "VMResumed" not in schemas

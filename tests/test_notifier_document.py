@@ -18,8 +18,8 @@ from services.notifier.document import (
     ScheduledEventsDocument,
 )
 from shared.contracts import (
-    ClockSynced,
     Event,
+    HostClockSynced,
     HostInventory,
     MaintenanceApproved,
     MaintenanceCancelled,
@@ -29,8 +29,8 @@ from shared.contracts import (
     MaintenanceStarted,
     PatchSpec,
     RolloutStatus,
+    VMClock,
     VMInfo,
-    VMResumed,
     VMWindowOutcome,
 )
 
@@ -98,6 +98,18 @@ def completed(host: str, event_id: uuid.UUID, at: datetime | None = None) -> Mai
         vms=[VMWindowOutcome(vm=vm, outcome="resumed", paused_ms=1000) for vm, _, _ in FLEET[host]],
         occurred_at=at or T0 + timedelta(minutes=2),
     )
+
+
+def clock(**kw: Any) -> VMClock:
+    fields: dict[str, Any] = {
+        "ok": True,
+        "skew_before_ms": -1000.0,
+        "skew_after_ms": 0.4,
+        "method": "host-time",
+        "attempts": 1,
+    }
+    fields.update(kw)
+    return VMClock(**fields)
 
 
 def fed(*events: Event, **kw: Any) -> ScheduledEventsDocument:
@@ -276,28 +288,15 @@ def test_extended_view_keeps_ended_events_with_measurements_then_ages_them_out()
     )
     end = T0 + timedelta(minutes=2)
     document.apply(
-        VMResumed(
-            host="h1",
-            vm="web-1",
-            rollout_id=ROLLOUT,
-            paused_at=end,
-            resumed_at=end,
-            paused_ms=812.5,
-            budget_ms=10000,
-            occurred_at=end,
+        completed("h1", e1, at=end).model_copy(
+            update={"vms": [VMWindowOutcome(vm="web-1", outcome="resumed", paused_ms=812.5)]}
         )
     )
-    document.apply(completed("h1", e1, at=end))
     document.apply(
-        ClockSynced(
+        HostClockSynced(
             host="h1",
-            vm="web-1",
             rollout_id=ROLLOUT,
-            ok=True,
-            skew_before_ms=-812.0,
-            skew_after_ms=0.4,
-            method="host-time",
-            attempts=1,
+            clocks={"web-1": clock(skew_before_ms=-812.0)},
             occurred_at=end + timedelta(seconds=1),
         )
     )
@@ -309,13 +308,84 @@ def test_extended_view_keeps_ended_events_with_measurements_then_ages_them_out()
     assert event["ApprovedBy"] == ["web-1"]
     web = next(m for m in event["Measurements"] if m["Resource"] == "web-1")
     assert web["ActualPauseMs"] == 812.5 and web["ClockSkewMs"] == 0.4 and web["ClockSynced"]
-    # Every extended change counted: planned, approved, started, resumed, completed, clock.
+    # Every extended change counted: planned, approved, started, blackout, completed, clock.
     assert view["DocumentIncarnation"] == 6
     aged = document.render_extended(web1, "2020-07-01", end + timedelta(minutes=11))
     assert aged == {"DocumentIncarnation": 7, "Events": [], "Extended": True}
     document.prune(end + timedelta(hours=2))
     assert document.events == {} and document.by_scope == {}  # the index forgets them too
     assert document.render_extended(web1, "2020-07-01", end + timedelta(hours=2)) == aged
+
+
+def test_each_vms_blackout_and_clock_come_from_its_hosts_events_and_change_it_once() -> None:
+    """The documents read no VM's own events: a VM's blackout comes from its host's
+    `MaintenanceCompleted`, its clock from its host's `HostClockSynced`, whose VMs may come in
+    more than one, and again grouped otherwise (a resume delivered twice): that changes
+    nothing."""
+    e1 = uuid.uuid4()
+    end = T0 + timedelta(minutes=2)
+    done = completed("h1", e1, at=end).model_copy(
+        update={
+            "vms": [
+                VMWindowOutcome(vm="web-1", outcome="resumed", paused_ms=812.5, forced=True),
+                VMWindowOutcome(vm="db-1", outcome="resumed", paused_ms=640.0),
+                VMWindowOutcome(vm="solo", outcome="failed", detail="could not pause"),
+            ]
+        }
+    )
+    first = HostClockSynced(
+        host="h1",
+        rollout_id=ROLLOUT,
+        clocks={"web-1": clock(skew_after_ms=0.4), "stranger": clock()},
+        occurred_at=end + timedelta(seconds=1),
+    )
+    rest = HostClockSynced(
+        host="h1",
+        rollout_id=ROLLOUT,
+        clocks={
+            "db-1": clock(skew_after_ms=-0.2),
+            "solo": clock(ok=False, method="none", skew_before_ms=None, skew_after_ms=None),
+        },
+        occurred_at=end + timedelta(seconds=1),
+    )
+    regrouped = HostClockSynced(
+        host="h1",
+        rollout_id=ROLLOUT,
+        clocks={"web-1": first.clocks["web-1"], "db-1": rest.clocks["db-1"]},
+        occurred_at=end + timedelta(seconds=2),
+    )
+
+    def replay() -> tuple[ScheduledEventsDocument, list[Any]]:
+        document = fed(inventory("h1"), planned("h1", e1), started("h1", e1))
+        changes = [document.apply(e) for e in (done, first, rest, regrouped)]
+        return document, changes
+
+    document, (at_done, at_first, at_rest, at_regrouped) = replay()
+    assert [(c.kind, c.vm) for c in at_done] == [
+        ("measured", "web-1"),
+        ("measured", "db-1"),
+        ("completed", None),
+    ]
+    assert [(c.kind, c.vm) for c in at_first + at_rest] == [
+        ("measured", "web-1"),
+        ("measured", "db-1"),
+        ("measured", "solo"),
+    ]
+    assert at_regrouped == []
+    measured = document.events[e1].measurements
+    assert (measured["web-1"].actual_pause_ms, measured["web-1"].forced) == (812.5, True)
+    assert (measured["web-1"].clock_synced, measured["web-1"].skew_after_ms) == (True, 0.4)
+    assert (measured["db-1"].actual_pause_ms, measured["db-1"].forced) == (640.0, False)
+    assert measured["db-1"].skew_after_ms == -0.2
+    assert measured["solo"].actual_pause_ms is None
+    assert (measured["solo"].clock_synced, measured["solo"].clock_method) == (False, "none")
+    assert "stranger" not in measured  # not a VM of the event
+
+    # Each change has a cause of its own (its webhook's id), the same in every replica.
+    causes = [c.cause_id for c in at_done + at_first + at_rest]
+    assert len(set(causes)) == len(causes)
+    _, again = replay()
+    assert [c.cause_id for c in again[0] + again[1] + again[2]] == causes
 
 
 def test_extended_view_shows_deferrals_and_what_is_left() -> None:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import signal
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -27,10 +28,12 @@ from shared.contracts import (
     MaintenancePlanned,
     MaintenanceStarted,
     RolloutStatus,
+    VMInfo,
+    VMPaused,
     VMResumed,
 )
 from shared.devstack import LocalStack, free_port
-from tests.support.fleet import ready, sim_vms, start_core, wait_hosts, wait_http
+from tests.support.fleet import ready, sim_vms, start_core, wait_hosts, wait_http, wait_stream
 
 PATH = "/metadata/scheduledevents"
 V = {"api-version": "2020-07-01"}
@@ -334,6 +337,119 @@ async def test_webhooks_get_every_change_as_cloudevents_despite_failures_without
     await web1.close()
 
 
+async def host_and_rollout_events(client: PlannerClient, up_to: int) -> int:
+    """How many events of hosts and rollouts the stream holds up to sequence `up_to`."""
+    seqs: list[int] = []
+    reached = asyncio.Event()
+
+    async def count(msg: Any) -> None:
+        seq = msg.metadata.sequence.stream
+        if seq <= up_to:
+            seqs.append(seq)
+        if seq >= up_to:
+            reached.set()
+
+    sub = await client.nc.jetstream().subscribe(
+        subjects.HOST_AND_ROLLOUT_EVENTS,
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.ALL,
+        cb=count,
+    )
+    await asyncio.wait_for(reached.wait(), 20)
+    await sub.unsubscribe()
+    return len(seqs)
+
+
+async def test_a_notifier_opens_once_it_replayed_the_last_host_event_though_vm_events_follow(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
+) -> None:
+    """The replay reads the events of hosts and rollouts only, so it never receives the stream's
+    last event when that is a VM's (as it is during a rollout): its API opens once it replayed
+    the last event it does read, not after `PP_CATCH_UP_TIMEOUT_S`. What no reader could read on
+    a VM's subject is dead-lettered."""
+    client, _ = bus
+    stack.start_service("planner", "planner", ())
+    await wait_stream(client.nc)
+    js = client.nc.jetstream()
+    event_id = uuid.uuid4()
+    vms = [vm.name for vm in H1]
+    documents_events = [
+        HostInventory(
+            host="h1",
+            vms=[
+                VMInfo(
+                    vm=vm.name,
+                    uuid=str(uuid.uuid4()),
+                    availability_set=vm.availability_set,
+                    update_domain=vm.update_domain,
+                    ip=vm.ip,
+                    state="running",
+                )
+                for vm in H1
+            ],
+        ),
+        MaintenancePlanned(
+            host="h1",
+            rollout_id="r1",
+            update_id="u1",
+            scheduled_event_id=event_id,
+            wave=0,
+            event_type="Freeze",
+            not_before=datetime.now(UTC) + timedelta(minutes=10),
+            expected_pause_s=1,
+            pause_budget_s=10,
+            vms=vms,
+        ),
+    ]
+    now = datetime.now(UTC)
+    vm_events = [VMPaused(host="h1", vm=vm, rollout_id="r1", paused_at=now) for vm in vms]
+    for event in (*documents_events, *vm_events):
+        await js.publish(event.subject(), event.model_dump_json().encode())
+    await js.publish(subjects.vm_paused("h1", "web-1"), b"\x00not json")
+    last = (await js.stream_info(subjects.STREAM_NAME)).state.last_seq
+
+    port = free_port()
+    stack.start_service(
+        "notifier", "notifier", ["--listen", f"127.0.0.1:{port}"], PP_CATCH_UP_TIMEOUT_S="600"
+    )
+    url = f"http://127.0.0.1:{port}"
+    await wait_http(url, timeout=60)
+    async with httpx.AsyncClient() as http:
+        health = (await http.get(f"{url}/healthz")).json()
+    # Caught up with the planned event, short of the stream's end (the VM events after it).
+    assert health["seq"] == last - len(vm_events) - 1
+    view = VMView(url, ip(H1, "web-1"))
+    document = await view.document()
+    assert [(e["EventId"], e["EventStatus"]) for e in document["Events"]] == [
+        (str(event_id), "Scheduled")
+    ]
+    await view.close()
+
+    dead = await dead_letters(client, 1)
+    assert dead[0]["service"] == "notifier" and dead[0]["subject"] == subjects.vm_paused(
+        "h1", "web-1"
+    )
+    assert "not JSON" in dead[0]["reason"]
+
+
+async def dead_letters(client: PlannerClient, count: int) -> list[dict[str, Any]]:
+    """The first `count` dead letters of the bus."""
+    found: list[dict[str, Any]] = []
+    enough = asyncio.Event()
+
+    async def collect(msg: Any) -> None:
+        found.append(json.loads(msg.data))
+        if len(found) >= count:
+            enough.set()
+
+    sub = await client.nc.jetstream().subscribe(
+        "pp.dlq.>", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, cb=collect
+    )
+    await asyncio.wait_for(enough.wait(), 30)
+    await sub.unsubscribe()
+    return found
+
+
 async def test_replicas_serve_one_document_and_a_restarted_one_the_same_incarnation(
     stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
 ) -> None:
@@ -402,10 +518,12 @@ async def test_replicas_serve_one_document_and_a_restarted_one_the_same_incarnat
         await agree([view, views["notifier-a"]], extended="true")
         await view.close()
     assert "loaded from the snapshot" in stack.services["notifier-b"].log_tail(200)
-    # b replayed the stream's tail only; c, without a snapshot, all of it.
+    # b replayed the stream's tail only; c, without a snapshot, all of it: every event of a
+    # host or a rollout (the replay reads no VM's own events).
     async with httpx.AsyncClient() as http:
         b, c = [(await http.get(f"{urls[n]}/healthz")).json() for n in ("notifier-b", "notifier-c")]
-    assert b["handled"] < b["seq"] // 2 and c["handled"] == c["seq"]
+    assert c["handled"] == await host_and_rollout_events(client, c["seq"])
+    assert b["handled"] < c["handled"] // 2
 
     # The rollout goes on; both still agree.
     (event,) = before["Events"]
@@ -439,7 +557,9 @@ async def test_the_documents_stay_current_when_the_server_loses_the_replay_or_re
     replays = [
         c.name
         for c in await js.consumers_info(subjects.STREAM_NAME)
-        if c.config.deliver_subject and c.config.deliver_policy == DeliverPolicy.BY_START_SEQUENCE
+        if c.config.deliver_subject
+        and c.config.deliver_policy == DeliverPolicy.BY_START_SEQUENCE
+        and c.config.filter_subject == subjects.HOST_AND_ROLLOUT_EVENTS
     ]
     assert len(replays) == 1, replays  # the notifier's (the test's watcher reads from the start)
     await js.delete_consumer(subjects.STREAM_NAME, replays[0])

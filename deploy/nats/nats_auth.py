@@ -184,7 +184,9 @@ def planner() -> User:
 
 def notifier() -> User:
     """Replays the events that make up the Scheduled Events documents (ordered consumer, snapshot
-    in its KV bucket), publishes the approvals and defers of VMs."""
+    in its KV bucket; at start it reads the last of them, up to which it replays before serving),
+    reads the VMs' events for dead letters only (another), publishes the approvals and defers of
+    VMs."""
     return User(
         "notifier",
         "notifier: Scheduled Events API; publishes only what VMs ask (approve, defer)",
@@ -193,6 +195,7 @@ def notifier() -> User:
             subjects.host_deferred(),
             subjects.dead_letter("notifier"),
             f"$JS.API.STREAM.INFO.{STREAM}",
+            f"$JS.API.STREAM.MSG.GET.{STREAM}",
             *_ordered_consumer(STREAM),
             *_kv_bucket(NOTIFIER_BUCKET),
         ],

@@ -26,8 +26,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from shared.contracts import (
-    ClockSynced,
     Event,
+    HostClockSynced,
     HostInventory,
     MaintenanceApproved,
     MaintenanceCancelled,
@@ -36,8 +36,8 @@ from shared.contracts import (
     MaintenancePlanned,
     MaintenanceStarted,
     RolloutStatus,
+    VMClock,
     VMInfo,
-    VMResumed,
 )
 
 API_VERSIONS = (
@@ -66,11 +66,14 @@ ACCEPTED: tuple[type[Event], ...] = (
     MaintenanceStarted,
     MaintenanceCompleted,
     MaintenanceCancelled,
-    VMResumed,
-    ClockSynced,
+    HostClockSynced,
     RolloutStatus,
 )
-"""The bus events the documents are made of."""
+"""The bus events the documents are made of: all of them events of a host or of a rollout
+(`shared.subjects.HOST_AND_ROLLOUT_EVENTS`). What the documents say of each VM comes from its
+host's events: its blackout from the host's `MaintenanceCompleted`, its clock from the host's
+`HostClockSynced`; the fleet's per-VM events (`VMPaused`, `VMResumed`, `ClockSynced`: 60 of a
+20-VM host's 70) are not needed."""
 
 ReplayedEvent = Annotated[
     HostInventory
@@ -80,8 +83,7 @@ ReplayedEvent = Annotated[
     | MaintenanceStarted
     | MaintenanceCompleted
     | MaintenanceCancelled
-    | VMResumed
-    | ClockSynced
+    | HostClockSynced
     | RolloutStatus,
     Field(discriminator="type"),
 ]
@@ -368,8 +370,8 @@ class ScheduledEventsDocument:
             changes = self._end(
                 event.scheduled_event_id, "Canceled", event.reason or "canceled", event
             )
-        elif isinstance(event, VMResumed | ClockSynced):
-            changes = self._on_measurement(event)
+        elif isinstance(event, HostClockSynced):
+            changes = self._on_host_clock(event)
         elif isinstance(event, RolloutStatus):
             changes = self._on_rollout_status(event)
         else:
@@ -486,13 +488,19 @@ class ScheduledEventsDocument:
     def _on_completed(self, event: MaintenanceCompleted) -> list[Change]:
         if event.scheduled_event_id is None:
             return []
-        for outcome in event.vms:
-            known = self.events.get(event.scheduled_event_id)
-            if known is not None and outcome.paused_ms is not None:
-                measured = known.measurements.setdefault(outcome.vm, Measurement())
-                if measured.actual_pause_ms is None:
-                    measured.actual_pause_ms = outcome.paused_ms
-        return self._end(
+        known = self.events.get(event.scheduled_event_id)
+        changes = []
+        if known is not None:
+            for outcome in event.vms:
+                if outcome.paused_ms is not None:
+                    changes += self._measured(
+                        known,
+                        event,
+                        outcome.vm,
+                        actual_pause_ms=outcome.paused_ms,
+                        forced=outcome.forced,
+                    )
+        return changes + self._end(
             event.scheduled_event_id,
             "Completed",
             "Succeeded" if event.ok else f"Failed: {event.error or 'see the rollout'}",
@@ -525,28 +533,36 @@ class ScheduledEventsDocument:
                 changes += self._end(known.event_id, "Canceled", f"rollout {event.state}", event)
         return changes
 
-    def _on_measurement(self, event: VMResumed | ClockSynced) -> list[Change]:
+    def _on_host_clock(self, event: HostClockSynced) -> list[Change]:
         if event.rollout_id is None:
             return []
         known = self.events.get(self.by_run.get((event.rollout_id, event.host), uuid.UUID(int=0)))
-        # Late measurements are taken while the ended event is still shown, judged by the
-        # events' own timestamps so that every replica decides alike.
-        if (
-            known is None
-            or event.vm not in known.resources
-            or (known.ended_at is not None and event.occurred_at > known.ended_at + self.retention)
+        if known is None:
+            return []
+        changes = []
+        for vm, clock in event.clocks.items():
+            changes += self._measured(known, event, vm, **_clock_fields(clock))
+        return changes
+
+    def _measured(
+        self, known: ScheduledEvent, cause: Event, vm: str, **values: Any
+    ) -> list[Change]:
+        """Set what was measured of `vm` in `known`: one "measured" change when that changes
+        anything. Late measurements are taken while the ended event is still shown, judged by
+        the events' own timestamps so that every replica decides alike. The same result again
+        (a host's clock results grouped otherwise when a resume was delivered twice) changes
+        nothing. The change's cause is the host's event and the VM: its webhook id is the same
+        in every replica."""
+        if vm not in known.resources or (
+            known.ended_at is not None and cause.occurred_at > known.ended_at + self.retention
         ):
             return []
-        measured = known.measurements.setdefault(event.vm, Measurement())
-        if isinstance(event, VMResumed):
-            measured.actual_pause_ms = event.paused_ms
-            measured.forced = event.forced
-        else:
-            measured.clock_synced = event.ok
-            measured.clock_method = event.method
-            measured.skew_before_ms = event.skew_before_ms
-            measured.skew_after_ms = event.skew_after_ms
-        return [Change("measured", known, event.event_id, event.occurred_at, event.vm)]
+        measured = known.measurements.setdefault(vm, Measurement())
+        if all(getattr(measured, name) == value for name, value in values.items()):
+            return []
+        for name, value in values.items():
+            setattr(measured, name, value)
+        return [Change("measured", known, uuid.uuid5(cause.event_id, vm), cause.occurred_at, vm)]
 
     # ------------------------------------------------------------ ageing out
 
@@ -699,3 +715,13 @@ def _scoped(counts: dict[Scope, int]) -> list[list[Any]]:
 
 def _unscoped(rows: Iterable[list[Any]]) -> dict[Scope, int]:
     return {(kind, name): int(n) for kind, name, n in rows}
+
+
+def _clock_fields(clock: VMClock) -> dict[str, Any]:
+    """A VM's clock result as its `Measurement` holds it."""
+    return {
+        "clock_synced": clock.ok,
+        "clock_method": clock.method,
+        "skew_before_ms": clock.skew_before_ms,
+        "skew_after_ms": clock.skew_after_ms,
+    }

@@ -4,10 +4,11 @@ or `faststream run services.notifier.main:app` (listen address from `PP_LISTEN`)
 Serves the Scheduled Events API to the VMs, turns their approvals and defers into bus events, and
 pushes every change to the configured webhooks.
 
-At start the documents come from the KV snapshot, then the stream from just after the snapshot is
-replayed in order by an ordered consumer of its own (every replica sees every event); the API
-opens once the replay reached the stream's end as it was at start, so a restarted replica never
-serves an older document than the one it served before.
+At start the documents come from the KV snapshot, then the events of hosts and rollouts from just
+after the snapshot are replayed in order by an ordered consumer of its own (every replica sees
+every one of them); the API opens once the replay reached the last of them as it was at start, so
+a restarted replica never serves an older document than the one it served before. A second
+ordered consumer reads the VMs' events only to dead-letter what cannot be read.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from faststream import FastStream
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 from opentelemetry import trace
 
 from services.notifier.api import build_api
@@ -36,7 +38,7 @@ from services.notifier.document import (
 )
 from services.notifier.service import ScheduledEventsService
 from services.notifier.settings import NotifierSettings
-from services.notifier.snapshots import SnapshotStore
+from services.notifier.snapshots import SnapshotCadence, SnapshotStore
 from services.notifier.webhooks import RetryPolicy, WebhookDispatcher
 from shared import subjects
 from shared.bus import (
@@ -98,7 +100,7 @@ def build_app(settings: NotifierSettings) -> FastStream:
                 webhooks.push(change)
 
     service = ScheduledEventsService(document, publisher.publish, push)
-    snapshot_state: dict[str, float] = {"seq": 0, "at": time.monotonic()}
+    cadence = SnapshotCadence(settings.snapshot_every, settings.snapshot_interval_s)
     store: list[SnapshotStore] = []
     saving: set[asyncio.Task[None]] = set()
 
@@ -110,26 +112,20 @@ def build_app(settings: NotifierSettings) -> FastStream:
             log.exception("could not write the snapshot")
 
     def maybe_snapshot() -> None:
-        # A snapshot costs its size: written at most once per as many events as it holds, its
-        # cost per event stays constant however large the fleet (and a restart replays at most
-        # that many events after it).
-        every = max(settings.snapshot_every, document.size)
-        due = document.seq - snapshot_state["seq"] >= every or (
-            document.seq > snapshot_state["seq"]
-            and time.monotonic() - snapshot_state["at"] >= settings.snapshot_interval_s
-        )
-        if not due or not store or saving:
+        if not cadence.due(document.seq, document.size, time.monotonic()) or not store or saving:
             return
         document.prune(utcnow())
         snapshot = document.to_json()  # taken now: exactly the state after `seq`
-        snapshot_state.update(seq=document.seq, at=time.monotonic())
+        cadence.taken(document.seq, time.monotonic())
         task = asyncio.create_task(save_snapshot(snapshot))
         saving.add(task)
         task.add_done_callback(saving.discard)
 
     # The replay: an ordered consumer of this replica's own, so that every replica applies every
-    # event in the one stream order. Every event of the fleet passes here (heartbeats, every
-    # VM's pause, resume and clock), so it is read with nats-py directly: FastStream's
+    # event in the one stream order. It reads the events of hosts and rollouts only
+    # (`subjects.HOST_AND_ROLLOUT_EVENTS`, the documents' `ACCEPTED`), a seventh of the stream in
+    # a rollout of 20-VM hosts: what the documents say of each VM comes from its host's events.
+    # Every host's heartbeats pass here, so it is read with nats-py directly: FastStream's
     # per-message pipeline (its context, middlewares, a consume span whether or not anything is
     # recorded) cost more than the documents' own work. It starts just after the snapshot
     # (`startup`); when the server loses it (it lives in the server's memory), the missing idle
@@ -140,6 +136,7 @@ def build_app(settings: NotifierSettings) -> FastStream:
     async def on_replayed(raw: Msg) -> None:
         """One event, in stream order (nats-py awaits each before handing over the next)."""
         seq = raw.metadata.sequence.stream
+        cadence.replayed += 1
         headers = raw.headers or {}
         try:
             if recorded(headers.get("traceparent")):
@@ -176,22 +173,45 @@ def build_app(settings: NotifierSettings) -> FastStream:
         else:
             service.apply(event, seq)
 
+    async def on_vm_event(raw: Msg) -> None:
+        """One VM event (`audit` below): the documents need none, but what no reader could read
+        is dead-lettered with its reason, as every consumer of the bus does. An event of a known
+        type is passed over unread, as the replay passes over what the documents do not take."""
+        try:
+            read_event(raw, (), settings.max_message_bytes)
+        except InvalidMessage as exc:
+            await dead_letter(broker, SERVICE, raw.subject, raw.data, str(exc))
+
     # The same subscription as the AsyncAPI document shows it (a broker of its own, never
     # connected: the replay above is what runs).
     documented = make_broker(SERVICE, settings, telemetry, acks=False)
 
     @documented.subscriber(
-        subjects.EVENTS_ROOT,
+        subjects.HOST_AND_ROLLOUT_EVENTS,
         stream=events_stream(declare=False),
         ordered_consumer=True,
         deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
         idle_heartbeat=settings.replay_heartbeat_s,
-        title="pp.evt.>:notifier",
-        description="Inventory, maintenance and measurement events that make the documents, "
-        "replayed in stream order from just after the snapshot (other events are passed over).",
+        title=f"{subjects.HOST_AND_ROLLOUT_EVENTS}:notifier",
+        description="The events of hosts and rollouts that make the documents (inventories, "
+        "maintenance, each host's blackouts and clock results), replayed in stream order from "
+        "just after the snapshot (other events are passed over).",
     )
     async def replayed(event: ReplayedEvent) -> None:
         """See `on_replayed`."""
+
+    @documented.subscriber(
+        subjects.VM_EVENTS,
+        stream=events_stream(declare=False),
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+        idle_heartbeat=settings.replay_heartbeat_s,
+        title=f"{subjects.VM_EVENTS}:notifier",
+        description="Every VM's events, from just after the snapshot: none is read, what cannot "
+        "be read is dead-lettered.",
+    )
+    async def audit(raw: bytes) -> None:
+        """See `on_vm_event`."""
 
     api = build_api(service, settings.long_poll_max_s)
     host, _, port = settings.listen.rpartition(":")
@@ -225,13 +245,18 @@ def build_app(settings: NotifierSettings) -> FastStream:
                 await key_value(broker, settings.snapshot_bucket, settings.stream_replicas)
             )
         )
-        info = await broker.config.connection_state.stream.stream_info(subjects.STREAM_NAME)
-        catch_up["target"] = info.state.last_seq
+        js = broker.config.connection_state.stream
+        info = await js.stream_info(subjects.STREAM_NAME)
+        try:  # the replay's last event as of now (the stream's last is likely a VM's)
+            last = await js.get_last_msg(subjects.STREAM_NAME, subjects.HOST_AND_ROLLOUT_EVENTS)
+            catch_up["target"] = last.seq or 0
+        except NotFoundError:
+            catch_up["target"] = 0
         snapshot = await store[0].load()
         try:
             if snapshot is not None and int(snapshot["seq"]) <= info.state.last_seq:
                 document.load(snapshot)
-                snapshot_state["seq"] = document.seq
+                cadence.seq = document.seq
                 log.info("documents loaded from the snapshot at stream seq %d", document.seq)
             elif snapshot is not None:
                 log.warning("ignoring a snapshot beyond the stream's end: was it recreated?")
@@ -252,10 +277,20 @@ def build_app(settings: NotifierSettings) -> FastStream:
                 document.seq,
                 per_subject if per_subject > 0 else "every event",
             )
-        js = broker.config.connection_state.stream
         replay.append(
             await js.subscribe(
-                subjects.EVENTS_ROOT,
+                subjects.VM_EVENTS,
+                stream=subjects.STREAM_NAME,
+                cb=on_vm_event,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                config=ConsumerConfig(opt_start_seq=document.seq + 1),
+                idle_heartbeat=settings.replay_heartbeat_s,
+            )
+        )
+        replay.append(
+            await js.subscribe(
+                subjects.HOST_AND_ROLLOUT_EVENTS,
                 stream=subjects.STREAM_NAME,
                 cb=on_replayed,
                 ordered_consumer=True,

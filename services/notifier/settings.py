@@ -36,12 +36,13 @@ class NotifierSettings(BusSettings):
     snapshot_bucket: str = "pp_notifier"
     """KV bucket holding the documents' snapshot (any replica may write it)."""
     snapshot_every: int = 5000
-    """Write a snapshot after this many bus events (or as many as the snapshot holds records,
-    if more) ..."""
+    """Write a snapshot after this many events replayed (those of hosts and rollouts; or as many
+    as the snapshot holds records, if more) ..."""
     snapshot_interval_s: float = 30.0
     """... or this long after the last one, whichever comes first."""
     catch_up_timeout_s: float = 120.0
-    """At start, the API opens once the stream is replayed, or after this long at most."""
+    """At start, the API opens once the replay reached the last event of hosts and rollouts the
+    stream held, or after this long at most."""
     replay_heartbeat_s: float = 5.0
     """The server's idle heartbeat on the replay's consumer: two missed (the server lost the
     consumer: a node failed, it was deleted), and the replay is made again from the next event."""
