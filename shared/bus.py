@@ -1013,12 +1013,17 @@ class EventPublisher:
         """Queue `event` and wait until the stream has stored it."""
         await self.storing(event)
 
-    def storing(self, event: Event) -> asyncio.Future[None]:
-        """Queue `event`; the future is done once the stream has stored it (a publish awaited
-        later, or together with others, without a task of its own)."""
+    def storing(
+        self, event: Event, context: otel_context.Context | None = None
+    ) -> asyncio.Future[None]:
+        """Queue `event` (in trace `context`, by default the current one); the future is done
+        once the stream has stored it (a publish awaited later, or together with others, without
+        a task of its own)."""
         self.start()
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(event, otel_context.get_current(), done))
+        if context is None:
+            context = otel_context.get_current()
+        self._queue.put_nowait(_Pending(event, context, done))
         return done
 
     @property

@@ -6,10 +6,12 @@ declares the stream), clock-sync and a test-driver host-agent, all processes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from datetime import datetime, timedelta
 
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
 
 from services.clock_sync.sync import result_id
 from shared import subjects
@@ -171,25 +173,75 @@ async def test_a_resume_delivered_again_whose_vms_result_is_stored_gets_its_host
 async def test_a_result_carries_on_the_trace_of_its_resume_from_a_replica_that_exports_nothing(
     stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
 ) -> None:
+    """Each VM's result goes on in its own resume's trace, the VMs of one host handled together
+    (here two resumes of one host in two traces)."""
     client, watcher = bus
     start_core(stack, notifier=False, clock_sync=False)
     # A replica that exports no traces (the stack's services export to the test's receiver).
     stack.start_service("clock-sync", "clock_sync", (), OTEL_TRACES_EXPORTER="none")
-    stack.add_sim_host(HOST, sim_vms([(f"{HOST}-a", None, None)]))
+    stack.add_sim_host(HOST, sim_vms([(f"{HOST}-a", None, None), (f"{HOST}-b", None, None)]))
     await ready(stack, client, watcher, [HOST])
-    resume = resumed(HOST, "r-traced", utcnow())
-    trace_id, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
-    await client.nc.jetstream().publish(
-        resume.subject(),
-        resume.model_dump_json().encode(),
-        headers={"Nats-Msg-Id": str(resume.event_id), "traceparent": f"00-{trace_id}-{parent}-00"},
+    first = resumed(HOST, "r-traced", utcnow())
+    second = first.model_copy(update={"vm": f"{HOST}-b", "event_id": uuid.uuid4()})
+    traceparents = {}
+    for resume in (first, second):
+        trace_id, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+        traceparents[resume.vm] = f"00-{trace_id}-{parent}-00"
+        await client.nc.jetstream().publish(
+            resume.subject(),
+            resume.model_dump_json().encode(),
+            headers={"Nats-Msg-Id": str(resume.event_id), "traceparent": traceparents[resume.vm]},
+        )
+    await watcher.wait_for(lambda w: len(w.events(ClockSynced, host=HOST)) == 2, 20, "results")
+    for resume in (first, second):
+        stored = await client.nc.jetstream().get_last_msg(
+            subjects.STREAM_NAME, subjects.vm_clock(HOST, resume.vm)
+        )
+        # The resume's trace, unrecorded, and no span of clock-sync's own in between.
+        assert (stored.headers or {})["traceparent"] == traceparents[resume.vm]
+
+
+async def test_resumes_whose_agent_answers_only_later_are_synced_once_it_does(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
+) -> None:
+    """The agent of a host does not answer yet (it is starting): its VMs' first deliveries are
+    retried, and once it answers each VM has one result, after more than one attempt."""
+    client, watcher = bus
+    start_core(stack, notifier=False, PP_CLOCK_RETRY_S="0.3")
+    await ready(stack, client, watcher, [])
+    js = client.nc.jetstream()
+    first = resumed(HOST, "r-later", utcnow())
+    resumes = [first, first.model_copy(update={"vm": f"{HOST}-b", "event_id": uuid.uuid4()})]
+    for resume in resumes:
+        await js.publish(
+            resume.subject(),
+            resume.model_dump_json().encode(),
+            headers={"Nats-Msg-Id": str(resume.event_id)},
+        )
+
+    async def retried() -> None:
+        redelivered = 0
+        while redelivered < 2:
+            await asyncio.sleep(0.05)
+            with contextlib.suppress(NotFoundError):  # clock-sync's consumer is not made yet
+                info = await js.consumer_info(subjects.STREAM_NAME, "clock-sync-resumed")
+                redelivered = info.num_redelivered
+
+    await asyncio.wait_for(retried(), 20)
+    assert watcher.events(ClockSynced, host=HOST) == []
+    stack.add_sim_host(HOST, sim_vms([(f"{HOST}-a", None, None), (f"{HOST}-b", None, None)]))
+    results = await watcher.wait_for(
+        lambda w: len(w.events(ClockSynced, host=HOST)) == 2 and w.events(ClockSynced, host=HOST),
+        30,
+        "both results",
     )
-    await watcher.wait_for(lambda w: w.events(ClockSynced, vm=resume.vm), 20, "the result")
-    stored = await client.nc.jetstream().get_last_msg(
-        subjects.STREAM_NAME, subjects.vm_clock(HOST, resume.vm)
-    )
-    # The resume's trace, unrecorded, and no span of clock-sync's own in between.
-    assert (stored.headers or {})["traceparent"] == f"00-{trace_id}-{parent}-00"
+    assert {r.vm for r in results} == {f"{HOST}-a", f"{HOST}-b"}
+    # The agent's own answer (the test driver has no guest clock to set), after the retries.
+    assert all(r.attempts > 1 and "did not answer" not in (r.error or "") for r in results)
+    hosts = watcher.events(HostClockSynced, host=HOST)
+    assert sorted(vm for h in hosts for vm in h.clocks) == [f"{HOST}-a", f"{HOST}-b"]
+    await consumer_idle(client)
+    assert len(watcher.events(ClockSynced, host=HOST)) == 2
 
 
 async def test_a_fresh_copy_of_a_resume_under_another_message_id_asks_no_agent_and_reports_nothing(

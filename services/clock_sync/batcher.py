@@ -25,15 +25,24 @@ class HostBatcher:
     async def reading(self, host: str, vm: str) -> ClockReading:
         """Sync `vm`'s clock along with whatever else of `host` is asked meanwhile. Raises what
         the request raised (the agent did not answer)."""
+        return await self.asked(host, [vm])[0]
+
+    def asked(self, host: str, vms: list[str]) -> list[asyncio.Future[ClockReading]]:
+        """Sync the clocks of `vms` (of `host`) along with whatever else of it is asked
+        meanwhile: each VM's reading to come, or what the request raised."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[ClockReading] = loop.create_future()
         batch = self._pending.setdefault(host, [])
-        batch.append((vm, future))
-        if len(batch) == 1:
-            loop.call_later(self.gather_s, self._flush, host)
-        elif len(batch) >= self.max_batch:
-            self._flush(host)
-        return await future
+        futures = []
+        for vm in vms:
+            future: asyncio.Future[ClockReading] = loop.create_future()
+            futures.append(future)
+            batch.append((vm, future))
+            if len(batch) == 1:
+                loop.call_later(self.gather_s, self._flush, host)
+            elif len(batch) >= self.max_batch:
+                self._flush(host)
+                batch = self._pending.setdefault(host, [])
+        return futures
 
     def _flush(self, host: str) -> None:
         batch = self._pending.pop(host, None)

@@ -30,6 +30,7 @@ from faststream.nats import PullSub
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.js.errors import NotFoundError
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from pydantic import ValidationError
 
@@ -148,8 +149,20 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
         """The resumes of one host in a batch: each VM's `ClockSynced` and one `HostClockSynced`
         with them all, stored together; then each resume is acknowledged (a crash in between
         redelivers them, and their host's result goes out again)."""
-        synced = await asyncio.gather(*(sync_one(event, raw) for event, raw in group))
-        done = [(raw, s) for (_, raw), s in zip(group, synced, strict=True) if s is not None]
+        fresh: list[tuple[VMResumed, Msg]] = []
+        others: list[tuple[VMResumed, Msg]] = []
+        for event, raw in group:
+            (fresh if event.ok and first_delivery(event, raw) else others).append((event, raw))
+        # The others each in a task of its own, meanwhile.
+        others_synced = (
+            asyncio.gather(*(sync_one(event, raw) for event, raw in others)) if others else None
+        )
+        synced = await sync_fresh(fresh)
+        if others_synced is not None:
+            synced += await others_synced
+        done = [
+            (raw, s) for (_, raw), s in zip(fresh + others, synced, strict=True) if s is not None
+        ]
         if not done:
             return
         first, first_raw = group[0]
@@ -182,6 +195,59 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
             clocks={s.result.vm: VMClock.of(s.result) for s in done},
         )
 
+    def first_delivery(event: VMResumed, raw: Msg) -> bool:
+        """A fresh first delivery of the agent's own message (its message id is the event's id)
+        cannot be a duplicate: its result id is de-duplicated by the stream for two minutes.
+        Anything else (an older copy, a redelivery, a copy stored under another message id: a
+        replay) is looked up in the stream (`sync`): a copy set apart by nothing but its message
+        id would otherwise have its host's result sent again, in another grouping, under another
+        id, and stored."""
+        return (
+            (raw.metadata.num_delivered or 1) == 1
+            and utcnow() - event.occurred_at < RECENT
+            and (raw.headers or {}).get("Nats-Msg-Id") == str(event.event_id)
+        )
+
+    async def sync_fresh(group: list[tuple[VMResumed, Msg]]) -> list[Synced | None]:
+        """The first deliveries of a host's resumes (the usual case): one request for all of
+        their clocks, each VM's result in the trace of its pause; no task per VM."""
+        if not group:
+            return []
+        host = group[0][0].host
+        spans = (
+            [
+                tracer.start_span(f"clock.sync {event.vm}", context=context_of(raw))
+                for event, raw in group
+            ]
+            if telemetry.exporting
+            else None
+        )
+        answers = await asyncio.gather(
+            *batcher.asked(host, [event.vm for event, _ in group]), return_exceptions=True
+        )
+        results: list[Synced | None] = []
+        contexts: dict[str | None, otel_context.Context] = {}
+        for n, ((event, raw), answer) in enumerate(zip(group, answers, strict=True)):
+            if spans is not None:
+                context = trace.set_span_in_context(spans[n])
+            else:  # the VMs of a window share its trace context: extracted once
+                traceparent = (raw.headers or {}).get("traceparent")
+                if traceparent not in contexts:
+                    contexts[traceparent] = context_of(raw)
+                context = contexts[traceparent]
+            try:
+                reading, failure = agent_answer(host, answer)
+                results.append(await decided(event, raw, 1, reading, failure, context))
+            except Exception:
+                with log_context(rollout=event.rollout_id, host=event.host, vm=event.vm):
+                    log.exception("clock sync failed; retrying")
+                await raw.nak(delay=settings.clock_retry_s)
+                results.append(None)
+            finally:
+                if spans is not None:
+                    spans[n].end()
+        return results
+
     async def sync_one(event: VMResumed, raw: Msg) -> Synced | None:
         """One resumed VM, in the trace of its pause: its result (being stored), acknowledged
         with its host's; None once it is handled otherwise (retried later, or acknowledged)."""
@@ -196,25 +262,10 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
                 await raw.nak(delay=settings.clock_retry_s)
                 return None
 
-    def store(result: ClockSynced) -> Synced:
-        # Queued from the VM's trace; awaited along with its host's result.
-        return Synced(result, publisher.storing(result))
-
     async def sync(event: VMResumed, raw: Msg) -> Synced | None:
         """The VM's result (being stored, or already in the stream), or None: handled."""
         attempt = raw.metadata.num_delivered or 1
-        # A fresh first delivery of the agent's own message (its message id is the event's id)
-        # cannot be a duplicate: its result id is de-duplicated by the stream for two minutes.
-        # Anything else (an older copy, a redelivery, a copy stored under another message id:
-        # a replay) is looked up in the stream: a copy set apart by nothing but its message id
-        # would otherwise have its host's result sent again, in another grouping, under another
-        # id, and stored.
-        fresh = (
-            attempt == 1
-            and utcnow() - event.occurred_at < RECENT
-            and (raw.headers or {}).get("Nats-Msg-Id") == str(event.event_id)
-        )
-        if not fresh:
+        if not first_delivery(event, raw):
             stored = await synced_since(event)
             if stored is not None:
                 log.info("resume %s already synced: ignoring the duplicate", event.event_id)
@@ -225,8 +276,21 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
                 await raw.ack()
                 return None
         if not event.ok:
-            return store(clock_result(event, None, False, 0, "VM was not resumed"))
+            result = clock_result(event, None, False, 0, "VM was not resumed")
+            return Synced(result, publisher.storing(result))
         reading, failure = await ask_agent(event)
+        return await decided(event, raw, attempt, reading, failure, None)
+
+    async def decided(
+        event: VMResumed,
+        raw: Msg,
+        attempt: int,
+        reading: ClockReading | None,
+        failure: str | None,
+        context: otel_context.Context | None,
+    ) -> Synced | None:
+        """The agent's answer (or why there is none) made a result, queued in trace `context`
+        (by default the current one); None when retried later."""
         decision = decide(
             event,
             reading,
@@ -236,19 +300,25 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
             settings.clock_max_skew_ms,
             failure,
         )
-        if decision.event is None:
-            log.info("clock not set yet (attempt %d): retrying", attempt)
+        result = decision.event
+        # One line per VM: info when something is wrong, debug otherwise (fleets are large).
+        level = logging.INFO if result is None or not result.ok else logging.DEBUG
+        if log.isEnabledFor(level):
+            with log_context(rollout=event.rollout_id, host=event.host, vm=event.vm):
+                if result is None:
+                    log.info("clock not set yet (attempt %d): retrying", attempt)
+                else:
+                    log.log(
+                        level,
+                        "clock %s: skew before %s ms, after %s ms",
+                        "synced" if result.ok else "NOT synced",
+                        _ms(result.skew_before_ms),
+                        _ms(result.skew_after_ms),
+                    )
+        if result is None:
             await raw.nak(delay=decision.retry_in_s)
             return None
-        # One line per VM: info when something is wrong, debug otherwise (fleets are large).
-        log.log(
-            logging.DEBUG if decision.event.ok else logging.INFO,
-            "clock %s: skew before %s ms, after %s ms",
-            "synced" if decision.event.ok else "NOT synced",
-            _ms(decision.event.skew_before_ms),
-            _ms(decision.event.skew_after_ms),
-        )
-        return store(decision.event)
+        return Synced(result, publisher.storing(result, context))
 
     async def synced_since(event: VMResumed) -> ClockSynced | None:
         """The VM's last `ClockSynced` in the stream, when it is this resume's result or came
@@ -290,11 +360,22 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
 
     async def ask_agent(event: VMResumed) -> tuple[ClockReading | None, str | None]:
         try:
-            return await batcher.reading(event.host, event.vm), None
-        except (TimeoutError, NoRespondersError) as exc:
-            return None, f"host-agent of {event.host} did not answer ({type(exc).__name__})"
-        except ValidationError as exc:
-            return None, f"unexpected answer from host-agent of {event.host}: {exc}"
+            answer: ClockReading | BaseException = await batcher.reading(event.host, event.vm)
+        except Exception as exc:  # noqa: BLE001 - said by agent_answer, or raised again
+            answer = exc
+        return agent_answer(event.host, answer)
+
+    def agent_answer(
+        host: str, answer: ClockReading | BaseException
+    ) -> tuple[ClockReading | None, str | None]:
+        """The agent's reading, or why there is none (anything else is raised)."""
+        if isinstance(answer, TimeoutError | NoRespondersError):
+            return None, f"host-agent of {host} did not answer ({type(answer).__name__})"
+        if isinstance(answer, ValidationError):
+            return None, f"unexpected answer from host-agent of {host}: {answer}"
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer, None
 
     app = make_app(broker, SERVICE, "Sets every resumed guest clock and reports the skew.")
 
