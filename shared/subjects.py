@@ -13,8 +13,6 @@ HOST_AND_ROLLOUT_EVENTS = "pp.evt.*.*.*"
 """Every event of a host (`pp.evt.host.<host>.<kind>`) or of a rollout
 (`pp.evt.rollout.<id>.status`), and none of a VM's (`pp.evt.vm.<host>.<vm>.<kind>`, a token
 longer): one filter, as a consumer on nats-server 2.9 has."""
-VM_EVENTS = "pp.evt.vm.>"
-"""Every event of a VM."""
 ANY = "*"
 
 

@@ -35,8 +35,9 @@ SUBSCRIBED = [
     ("pp.evt.host.h1.paused", {"planner"}),
     ("pp.evt.host.h1.patched", {"planner"}),
     ("pp.evt.host.h1.completed", {"planner", "notifier"}),
-    ("pp.evt.vm.h1.a.paused", {"notifier"}),  # which reads every event
-    ("pp.evt.vm.h1.a.resumed", {"clock-sync", "notifier"}),
+    # The notifier reads the VM events no other service reads, for dead letters only.
+    ("pp.evt.vm.h1.a.paused", {"notifier"}),
+    ("pp.evt.vm.h1.a.resumed", {"clock-sync"}),
     ("pp.evt.vm.h1.a.clock", {"notifier"}),
     ("pp.evt.host.h1.clock", {"planner"}),
 ]

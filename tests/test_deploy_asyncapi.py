@@ -59,7 +59,11 @@ def test_documents_show_what_each_service_consumes_with_contract_schemas() -> No
 
 
 def test_the_notifier_document_shows_its_subscriptions() -> None:
-    assert addresses("notifier") == {subjects.HOST_AND_ROLLOUT_EVENTS, subjects.VM_EVENTS}
+    assert addresses("notifier") == {
+        subjects.HOST_AND_ROLLOUT_EVENTS,
+        subjects.vm_paused(),
+        subjects.vm_clock(),
+    }
     schemas = document("notifier")["components"]["schemas"]
     assert {"HostClockSynced", "MaintenanceCompleted", "HostInventory"} <= set(schemas)
     assert "ClockSynced" not in schemas and "VMResumed" not in schemas

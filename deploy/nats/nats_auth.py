@@ -185,8 +185,8 @@ def planner() -> User:
 def notifier() -> User:
     """Replays the events that make up the Scheduled Events documents (ordered consumer, snapshot
     in its KV bucket; at start it reads the last of them, up to which it replays before serving),
-    reads the VMs' events for dead letters only (another), publishes the approvals and defers of
-    VMs."""
+    reads the VM events no other service reads for dead letters only (one each), publishes the
+    approvals and defers of VMs."""
     return User(
         "notifier",
         "notifier: Scheduled Events API; publishes only what VMs ask (approve, defer)",

@@ -8,7 +8,8 @@ At start the documents come from the KV snapshot, then the events of hosts and r
 after the snapshot are replayed in order by an ordered consumer of its own (every replica sees
 every one of them); the API opens once the replay reached the last of them as it was at start, so
 a restarted replica never serves an older document than the one it served before. A second
-ordered consumer reads the VMs' events only to dead-letter what cannot be read.
+ordered consumer per subject reads the VM events no other service reads (their pauses and
+clocks) only to dead-letter what cannot be read.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ from shared.logs import setup_logging
 from shared.telemetry import setup_telemetry
 
 SERVICE = "notifier"
+
+AUDITED = (subjects.vm_paused(), subjects.vm_clock())
+"""The VM events no other service reads (clock-sync reads the resumes, and dead-letters what it
+cannot read of them): the notifier reads them, each subject with an ordered consumer of its own,
+only to dead-letter what cannot be read."""
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +180,10 @@ def build_app(settings: NotifierSettings) -> FastStream:
             service.apply(event, seq)
 
     async def on_vm_event(raw: Msg) -> None:
-        """One VM event (`audit` below): the documents need none, but what no reader could read
-        is dead-lettered with its reason, as every consumer of the bus does. An event of a known
-        type is passed over unread, as the replay passes over what the documents do not take."""
+        """One VM event that no other service reads (`AUDITED`): the documents need none, but
+        what cannot be read is dead-lettered with its reason, as every consumer of the bus does.
+        An event of a known type is passed over unread, as the replay passes over what the
+        documents do not take."""
         try:
             read_event(raw, (), settings.max_message_bytes)
         except InvalidMessage as exc:
@@ -200,18 +207,22 @@ def build_app(settings: NotifierSettings) -> FastStream:
     async def replayed(event: ReplayedEvent) -> None:
         """See `on_replayed`."""
 
-    @documented.subscriber(
-        subjects.VM_EVENTS,
-        stream=events_stream(declare=False),
-        ordered_consumer=True,
-        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-        idle_heartbeat=settings.replay_heartbeat_s,
-        title=f"{subjects.VM_EVENTS}:notifier",
-        description="Every VM's events, from just after the snapshot: none is read, what cannot "
-        "be read is dead-lettered.",
-    )
-    async def audit(raw: bytes) -> None:
-        """See `on_vm_event`."""
+    def document_audit(subject: str) -> None:
+        @documented.subscriber(
+            subject,
+            stream=events_stream(declare=False),
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            idle_heartbeat=settings.replay_heartbeat_s,
+            title=f"{subject}:notifier",
+            description="VM events no other service reads, from just after the snapshot: none "
+            "is read, what cannot be read is dead-lettered.",
+        )
+        async def audit(raw: bytes) -> None:
+            """See `on_vm_event`."""
+
+    for audited in AUDITED:
+        document_audit(audited)
 
     api = build_api(service, settings.long_poll_max_s)
     host, _, port = settings.listen.rpartition(":")
@@ -277,17 +288,18 @@ def build_app(settings: NotifierSettings) -> FastStream:
                 document.seq,
                 per_subject if per_subject > 0 else "every event",
             )
-        replay.append(
-            await js.subscribe(
-                subjects.VM_EVENTS,
-                stream=subjects.STREAM_NAME,
-                cb=on_vm_event,
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                config=ConsumerConfig(opt_start_seq=document.seq + 1),
-                idle_heartbeat=settings.replay_heartbeat_s,
+        for audited in AUDITED:
+            replay.append(
+                await js.subscribe(
+                    audited,
+                    stream=subjects.STREAM_NAME,
+                    cb=on_vm_event,
+                    ordered_consumer=True,
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                    config=ConsumerConfig(opt_start_seq=document.seq + 1),
+                    idle_heartbeat=settings.replay_heartbeat_s,
+                )
             )
-        )
         replay.append(
             await js.subscribe(
                 subjects.HOST_AND_ROLLOUT_EVENTS,
