@@ -7,8 +7,8 @@ pushes every change to the configured webhooks.
 At start the documents come from the KV snapshot, then the events of hosts and rollouts from just
 after the snapshot are replayed in order by an ordered consumer of its own (every replica sees
 every one of them); the API opens once the replay reached the last of them as it was at start, so
-a restarted replica never serves an older document than the one it served before. A second
-ordered consumer per subject reads the VM events no other service reads (their pauses and
+a restarted replica never serves an older document than the one it served before. Two more
+ordered consumers, one per subject, read the VM events no other service reads (their pauses and
 clocks) only to dead-letter what cannot be read.
 """
 
