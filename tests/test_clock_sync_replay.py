@@ -238,7 +238,15 @@ async def test_resumes_whose_agent_answers_only_later_are_synced_once_it_does(
     assert {r.vm for r in results} == {f"{HOST}-a", f"{HOST}-b"}
     # The agent's own answer (the test driver has no guest clock to set), after the retries.
     assert all(r.attempts > 1 and "did not answer" not in (r.error or "") for r in results)
-    hosts = watcher.events(HostClockSynced, host=HOST)
+    # Stored with its VMs' results, read by the watcher a moment after them.
+    hosts = await watcher.wait_for(
+        lambda w: (
+            len([vm for h in w.events(HostClockSynced, host=HOST) for vm in h.clocks]) >= 2
+            and w.events(HostClockSynced, host=HOST)
+        ),
+        10,
+        "the host's results",
+    )
     assert sorted(vm for h in hosts for vm in h.clocks) == [f"{HOST}-a", f"{HOST}-b"]
     await consumer_idle(client)
     assert len(watcher.events(ClockSynced, host=HOST)) == 2

@@ -19,7 +19,7 @@ import itertools
 import json
 import logging
 import uuid
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -304,7 +304,13 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
         # One line per VM: info when something is wrong, debug otherwise (fleets are large).
         level = logging.INFO if result is None or not result.ok else logging.DEBUG
         if log.isEnabledFor(level):
-            with log_context(rollout=event.rollout_id, host=event.host, vm=event.vm):
+            # In the resume's trace (its id on the line), when it is not current already.
+            with (
+                trace.use_span(trace.get_current_span(context), end_on_exit=False)
+                if context is not None
+                else nullcontext(),
+                log_context(rollout=event.rollout_id, host=event.host, vm=event.vm),
+            ):
                 if result is None:
                     log.info("clock not set yet (attempt %d): retrying", attempt)
                 else:
