@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import uvicorn
 from faststream import FastStream
@@ -193,36 +194,35 @@ def build_app(settings: NotifierSettings) -> FastStream:
     # connected: the replay above is what runs).
     documented = make_broker(SERVICE, settings, telemetry, acks=False)
 
-    @documented.subscriber(
-        subjects.HOST_AND_ROLLOUT_EVENTS,
-        stream=events_stream(declare=False),
-        ordered_consumer=True,
-        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-        idle_heartbeat=settings.replay_heartbeat_s,
-        title=f"{subjects.HOST_AND_ROLLOUT_EVENTS}:notifier",
-        description="The events of hosts and rollouts that make the documents (inventories, "
-        "maintenance, each host's blackouts and clock results), replayed in stream order from "
-        "just after the snapshot (other events are passed over).",
-    )
-    async def replayed(event: ReplayedEvent) -> None:
-        """See `on_replayed`."""
-
-    def document_audit(subject: str) -> None:
-        @documented.subscriber(
+    def described(subject: str, description: str) -> Any:
+        return documented.subscriber(
             subject,
             stream=events_stream(declare=False),
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             idle_heartbeat=settings.replay_heartbeat_s,
             title=f"{subject}:notifier",
-            description="VM events no other service reads, from just after the snapshot: none "
-            "is read, what cannot be read is dead-lettered.",
+            description=description,
+        )
+
+    @described(
+        subjects.HOST_AND_ROLLOUT_EVENTS,
+        "The events of hosts and rollouts that make the documents (inventories, maintenance, "
+        "each host's blackouts and clock results), replayed in stream order from just after the "
+        "snapshot (other events are passed over).",
+    )
+    async def replayed(event: ReplayedEvent) -> None:
+        """See `on_replayed`."""
+
+    for audited in AUDITED:
+
+        @described(
+            audited,
+            "VM events no other service reads, from just after the snapshot: none is read, what "
+            "cannot be read is dead-lettered.",
         )
         async def audit(raw: bytes) -> None:
             """See `on_vm_event`."""
-
-    for audited in AUDITED:
-        document_audit(audited)
 
     api = build_api(service, settings.long_poll_max_s)
     host, _, port = settings.listen.rpartition(":")
