@@ -219,13 +219,26 @@ async def _fetch_asking_again(
     lost = _lost_requests_of(self._nc)
     started = time.monotonic()
     fetch = asyncio.ensure_future(_FETCH_NATS(self, batch, timeout, heartbeat))
+    again: asyncio.Future[None] | None = None
     try:
         while True:
             reconnected = lost.reconnect()
             elected = await lost.election(self._stream, self._consumer)
-            await asyncio.wait((fetch, reconnected, elected), return_when=asyncio.FIRST_COMPLETED)
+            waits: list[asyncio.Future[Any]] = [fetch, reconnected, elected]
+            if again is not None:
+                waits.append(again)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if fetch.done():
                 return fetch.result()
+            if again is not None and again.done() and not (reconnected.done() or elected.done()):
+                again = None  # the second asking, below: nothing more until the next loss
+            else:
+                # Asked again at once, and once more a moment later: a new leader announces
+                # itself before it may take requests, and a request it dropped then would
+                # wait out the fetch (a start, its agent's `PP_START_POLL_S`).
+                if again is not None:
+                    again.cancel()
+                again = asyncio.ensure_future(asyncio.sleep(ASK_AGAIN_S))
             left = timeout - (time.monotonic() - started)
             if left > 0.01:
                 request = {"batch": batch, "expires": int(left * 1e9) - 100_000}
@@ -233,8 +246,14 @@ async def _fetch_asking_again(
                     request["idle_heartbeat"] = int(heartbeat * 1e9)
                 await self._nc.publish(self._nms, json.dumps(request).encode(), self._deliver)
     finally:
+        if again is not None:
+            again.cancel()
         if not fetch.done():  # this fetch was cancelled
             fetch.cancel()
+
+
+ASK_AGAIN_S = 1.0
+"""After a reconnect or a leader election, a waiting fetch asks at once and this long after."""
 
 
 _FETCH_NATS = JetStreamContext.PullSubscription.fetch

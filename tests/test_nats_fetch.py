@@ -291,6 +291,45 @@ async def test_a_fetch_waiting_when_its_consumers_leader_dies_asks_the_new_leade
         cluster.stop()
 
 
+async def test_after_a_leader_election_a_waiting_fetch_asks_at_once_and_once_more_later(
+    nc: Client,
+) -> None:
+    """A new leader announces itself before it may take requests: a request it drops then would
+    wait out the fetch (CI saw a host's start wait 20 s on a cluster that lost a node). So the
+    fetch asks at once, and once more `ASK_AGAIN_S` later. (The advisory is published here by
+    the test, on a single server: what the fetch does about it is the point.)"""
+    js = nc.jetstream()
+    await js.add_stream(name=subjects.STREAM_NAME, subjects=[subjects.EVENTS_ROOT])
+    asked: list[bytes] = []
+
+    async def seen(msg: Msg) -> None:
+        asked.append(msg.data)
+
+    observer = await nats.connect(nc.connected_url.geturl())  # type: ignore[union-attr]
+    try:
+        await observer.subscribe(
+            f"$JS.API.CONSUMER.MSG.NEXT.{subjects.STREAM_NAME}.starts", cb=seen
+        )
+        await observer.flush()
+        fetching = await waiting_fetch(js, 1)
+        await nc.flush()  # the fetch's watch on the consumer's elections is on the server
+        before = len(asked)
+        await observer.publish(f"{bus.LEADER_ELECTED}.{subjects.STREAM_NAME}.starts", b"{}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while len(asked) < before + 2:
+            assert loop.time() < deadline, f"asked {len(asked) - before} time(s) after the election"
+            await asyncio.sleep(0.02)
+        # Nothing more without another loss; the fetch still gets its message, once.
+        await observer.jetstream().publish(subjects.host_started("h1"), b"start")
+        got = await asyncio.wait_for(fetching, 10)
+        assert [m.data for m in got] == [b"start"]
+        await observer.flush()
+        assert len(asked) == before + 2
+    finally:
+        await observer.close()
+
+
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
     sys.path.insert(0, str(BENCH))
