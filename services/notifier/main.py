@@ -288,30 +288,22 @@ def build_app(settings: NotifierSettings) -> FastStream:
                 document.seq,
                 per_subject if per_subject > 0 else "every event",
             )
-        for audited in AUDITED:
+        # Each from just after the snapshot: the replay, and the VM events read for dead letters.
+        for subject, handler in (
+            *((audited, on_vm_event) for audited in AUDITED),
+            (subjects.HOST_AND_ROLLOUT_EVENTS, on_replayed),
+        ):
             replay.append(
                 await js.subscribe(
-                    audited,
+                    subject,
                     stream=subjects.STREAM_NAME,
-                    cb=on_vm_event,
+                    cb=handler,
                     ordered_consumer=True,
                     deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                     config=ConsumerConfig(opt_start_seq=document.seq + 1),
                     idle_heartbeat=settings.replay_heartbeat_s,
                 )
             )
-        replay.append(
-            await js.subscribe(
-                subjects.HOST_AND_ROLLOUT_EVENTS,
-                stream=subjects.STREAM_NAME,
-                cb=on_replayed,
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                # The replay starts just after the snapshot.
-                config=ConsumerConfig(opt_start_seq=document.seq + 1),
-                idle_heartbeat=settings.replay_heartbeat_s,
-            )
-        )
 
     @app.after_startup
     async def serve() -> None:
