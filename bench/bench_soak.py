@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -362,6 +363,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             overheads.append(body["overhead_ms"])
     phases = wave_phases(events, rid)
     split = window_split(events, rid)
+    timeline = host_timeline(events, rid)
     for host, vms in hosts.items():
         if host in host_patched:
             for vm in vms:
@@ -417,6 +419,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # them was done (with notice ahead, none should).
         "notice_bound_waves": notice_bound_waves(events, rid),
         "window_split_ms": split,
+        "host_timeline_ms": timeline,
         "cpu_s_during_rollout": cpu,
         "cpu_s_total": round(sum(cpu.values()), 1),
         # What the whole stack costs doing nothing (cores), measured while the direct loop ran.
@@ -619,6 +622,65 @@ def wave_phases(events: list[tuple[str, dict[str, Any]]], rid: str) -> dict[str,
         if i + 1 < len(waves) and marks[waves[i + 1]]["MaintenanceStarted"]:
             rows["transition"].append(min(marks[waves[i + 1]]["MaintenanceStarted"]) - last)
     return {k: round(statistics.median(v), 1) for k, v in rows.items() if v}
+
+
+HOST_STEPS = ("start_to_pause", "resumed_to_completed", "completed_to_clock")
+"""A host's way through its wave, after its start (`host_timeline`)."""
+
+
+def host_timeline(events: list[tuple[str, dict[str, Any]]], rid: str) -> dict[str, float]:
+    """Where one host's time goes once the planner started it (ms), from the events' own
+    stamps: `start_to_pause` (its `MaintenanceStarted` to its first VM stopped: the start
+    reaching the agent and the window opening), `resumed_to_completed` (its last VM running
+    again to its `MaintenanceCompleted`: the window's report), `completed_to_clock` (that to its
+    `HostClockSynced`: every guest clock of the host set). Each as the median and p99 over
+    hosts, and as the median over waves of each wave's slowest host (`*_wave_max`: what the
+    next wave waits for)."""
+
+    def ts(value: str) -> float:
+        return datetime.fromisoformat(value).timestamp() * 1000
+
+    wave_of: dict[str, int] = {}
+    marks: dict[str, dict[str, float]] = defaultdict(dict)
+    for _, body in events:
+        if body.get("rollout_id") != rid:
+            continue
+        kind, host = body.get("type"), str(body.get("host"))
+        mark = marks[host]
+        if kind == "MaintenancePlanned":
+            wave_of[host] = body["wave"]
+        elif kind == "MaintenanceStarted":
+            mark["started"] = ts(body["occurred_at"])
+        elif kind == "VMPaused":
+            mark["paused"] = min(mark.get("paused", math.inf), ts(body["paused_at"]))
+        elif kind == "VMResumed":
+            mark["resumed"] = max(mark.get("resumed", -math.inf), ts(body["resumed_at"]))
+        elif kind == "MaintenanceCompleted":
+            mark["completed"] = ts(body["occurred_at"])
+        elif kind == "HostClockSynced":
+            mark["clock"] = max(mark.get("clock", -math.inf), ts(body["occurred_at"]))
+    steps = {
+        "start_to_pause": ("started", "paused"),
+        "resumed_to_completed": ("resumed", "completed"),
+        "completed_to_clock": ("completed", "clock"),
+    }
+    result: dict[str, float] = {}
+    for name in HOST_STEPS:
+        since, until = steps[name]
+        per_host = {
+            host: mark[until] - mark[since]
+            for host, mark in marks.items()
+            if since in mark and until in mark and host in wave_of
+        }
+        if not per_host:
+            continue
+        slowest: dict[int, float] = {}
+        for host, value in per_host.items():
+            slowest[wave_of[host]] = max(slowest.get(wave_of[host], -math.inf), value)
+        result[f"{name}_median"] = round(statistics.median(per_host.values()), 1)
+        result[f"{name}_p99"] = round(pct(list(per_host.values()), 0.99), 1)
+        result[f"{name}_wave_max"] = round(statistics.median(slowest.values()), 1)
+    return result
 
 
 NOTICE_BOUND_S = 0.01

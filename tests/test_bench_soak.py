@@ -103,3 +103,43 @@ def test_context_switches_count_this_process_sleeping(soak: ModuleType) -> None:
     before = soak.context_switches(os.getpid())
     time.sleep(0.001)  # a voluntary switch, the thing counted
     assert soak.context_switches(os.getpid()) > before
+
+
+def test_host_timeline_follows_each_host_from_its_start_to_its_clocks(soak: ModuleType) -> None:
+    def at(ms: int) -> str:
+        return f"2026-01-01T00:00:{ms // 1000:02d}.{ms % 1000:03d}+00:00"
+
+    def event(kind: str, host: str, rid: str = "r", **fields: object) -> tuple[str, dict]:
+        return kind, {"type": kind, "rollout_id": rid, "host": host, **fields}
+
+    events = []
+    # Two waves; in each, host "a*" is fast and "b*" slow. Times in ms from 00:00.
+    for wave, (base, slow) in enumerate(((1000, 0), (3000, 200))):
+        for host, late in ((f"a{wave}", 0), (f"b{wave}", 100 + slow)):
+            events += [
+                event("MaintenancePlanned", host, wave=wave),
+                event("MaintenanceStarted", host, occurred_at=at(base)),
+                event("VMPaused", host, vm=f"{host}-1", paused_at=at(base + 10 + late)),
+                event("VMPaused", host, vm=f"{host}-2", paused_at=at(base + 12 + late)),
+                event("VMResumed", host, vm=f"{host}-1", resumed_at=at(base + 120 + late)),
+                event("VMResumed", host, vm=f"{host}-2", resumed_at=at(base + 121 + late)),
+                event("MaintenanceCompleted", host, occurred_at=at(base + 125 + late)),
+                event("HostClockSynced", host, occurred_at=at(base + 200 + 2 * late)),
+            ]
+    # Another rollout's host is not counted.
+    events += [
+        event("MaintenanceStarted", "x", rid="other", occurred_at=at(1000)),
+        event("VMPaused", "x", rid="other", vm="x-1", paused_at=at(9000)),
+    ]
+    timeline = soak.host_timeline(events, "r")
+    # start to first pause: 10 (a0), 110 (b0), 10 (a1), 310 (b1)
+    assert timeline["start_to_pause_median"] == pytest.approx(60.0)
+    assert timeline["start_to_pause_p99"] == pytest.approx(310.0)
+    assert timeline["start_to_pause_wave_max"] == pytest.approx(210.0)  # of 110 and 310
+    # last resume to completion: 4 ms for every host.
+    assert timeline["resumed_to_completed_median"] == pytest.approx(4.0)
+    assert timeline["resumed_to_completed_wave_max"] == pytest.approx(4.0)
+    # completion to clocks: 75 (a0), 175 (b0), 75 (a1), 375 (b1)
+    assert timeline["completed_to_clock_p99"] == pytest.approx(375.0)
+    assert timeline["completed_to_clock_wave_max"] == pytest.approx(275.0)
+    assert soak.host_timeline(events, "none") == {}
