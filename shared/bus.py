@@ -773,7 +773,9 @@ class DeadLetter(BaseMiddleware):  # type: ignore[type-arg]
     async def _dead_letter(self, msg: StreamMessage[Any], reason: str) -> None:
         raw: bytes = msg.body if isinstance(msg.body, bytes) else bytes(msg.body)
         subject = getattr(msg.raw_message, "subject", "")
-        await dead_letter(self.context.get("broker"), self.service, subject, raw, reason)
+        await dead_letter(
+            self.context.get("broker"), self.service, subject, raw, reason, msg.raw_message
+        )
 
 
 _DLQ_COUNTER = metrics.get_meter("pausepatch").create_counter(
@@ -783,11 +785,40 @@ _DLQ_COUNTER = metrics.get_meter("pausepatch").create_counter(
 process's meter provider, once `setup_telemetry` set it."""
 
 
+DLQ_PUBLISH_TIMEOUT_S = 5.0
+"""How long a dead letter waits for the dead-letter stream to store it."""
+
+
+def stored_at(raw: Any) -> tuple[str, int] | None:
+    """The stream and sequence at which a message delivered by a JetStream consumer is stored
+    (from its acknowledgement subject); None for anything else (a command, a core message)."""
+    reply = getattr(raw, "reply", "") or ""
+    if not reply.startswith("$JS.ACK."):
+        return None
+    try:
+        metadata = raw.metadata
+    except Exception:  # noqa: BLE001 - not JetStream metadata after all
+        return None
+    return metadata.stream, metadata.sequence.stream
+
+
 async def dead_letter(
-    broker: NatsBroker, service: str, subject: str, raw: bytes, reason: str
+    broker: NatsBroker,
+    service: str,
+    subject: str,
+    raw: bytes,
+    reason: str,
+    source: Any = None,
 ) -> None:
-    """Put `raw` (as received on `subject`) on `pp.dlq.<service>` with the reason."""
-    body = {
+    """Put `raw` (as received on `subject`) on `pp.dlq.<service>` with the reason.
+
+    A message a JetStream consumer delivered (`source`, the NATS message) is dead-lettered once
+    per service, however many times it is read: each replica of a service reads it (the
+    notifier's replicas read every event), and a redelivery reads it again. Its dead letter's
+    `Nats-Msg-Id` is the service, stream and sequence, which the dead-letter stream stores once
+    within its two-minute de-duplication window; the body says where the original is
+    (`stream`, `stream_seq`)."""
+    body: dict[str, Any] = {
         "service": service,
         "subject": subject,
         "reason": reason,
@@ -797,16 +828,27 @@ async def dead_letter(
         "truncated": len(raw) > DLQ_COPY_BYTES,
         "original_b64": base64.b64encode(raw[:DLQ_COPY_BYTES]).decode(),
     }
-    log.warning("dead-lettered a message on %s: %s", subject, reason)
+    headers = {"Pp-Dlq-Reason": reason[:200].replace("\n", " ")}
+    stored = stored_at(source)
+    if stored is not None:
+        body["stream"], body["stream_seq"] = stored
+        headers["Nats-Msg-Id"] = f"dlq.{service}.{stored[0]}.{stored[1]}"
     _DLQ_COUNTER.add(1, {"service": service, "subject": subject})
     try:
-        await broker.publish(
+        ack = await broker.publish(
             body,
             subjects.dead_letter(service),
-            headers={"Pp-Dlq-Reason": reason[:200].replace("\n", " ")},
+            headers=headers,
+            stream=DLQ_STREAM_NAME,
+            timeout=DLQ_PUBLISH_TIMEOUT_S,
         )
     except Exception:
-        log.exception("could not publish to the dead-letter subject")
+        log.exception("could not dead-letter a message on %s (%s)", subject, reason)
+        return
+    if ack is not None and ack.duplicate:
+        log.info("a message on %s was dead-lettered already: %s", subject, reason)
+    else:
+        log.warning("dead-lettered a message on %s: %s", subject, reason)
 
 
 async def raw_only(msg: Any) -> None:
@@ -853,7 +895,7 @@ async def read_batch(
         else:
             events.append((event, raw))
             continue
-        await dead_letter(broker, service, raw.subject, raw.data, reason)
+        await dead_letter(broker, service, raw.subject, raw.data, reason, raw)
         await raw.ack()
     return events
 

@@ -11,7 +11,7 @@ from nats.js.api import DeliverPolicy
 
 from shared.client import EventWatcher, PlannerClient
 from shared.contracts import RolloutStatus
-from shared.devstack import LocalStack
+from shared.devstack import LocalStack, free_port
 from tests.support.fleet import ready, sim_vms, start_core
 
 GARBAGE = b"\x00\xffnot json"
@@ -134,3 +134,51 @@ async def test_malformed_messages_are_dead_lettered_and_services_keep_working(
         "the rollout after the garbage",
     )
     assert done[0].hosts_ok == 1 and done[0].hosts_failed == 0
+
+
+async def test_a_message_every_replica_reads_is_dead_lettered_once(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
+) -> None:
+    """Each notifier replica reads every event: an unreadable one is found by each, and stored
+    once in the dead letters (its id is the service, stream and sequence), with where it is."""
+    client, watcher = bus
+    start_core(stack, notifier=False)
+    stack.add_sim_host("h1", sim_vms([("a", "web", 0)]))
+    await ready(stack, client, watcher, ["h1"])
+    replicas = ("notifier-a", "notifier-b")
+    for name in replicas:
+        stack.start_service(name, "notifier", ["--listen", f"127.0.0.1:{free_port()}"])
+    js = client.nc.jetstream()
+    bad = {"pp.evt.vm.h1.a.paused": GARBAGE, "pp.evt.host.h1.planned": UNKNOWN_TYPE}
+    stored = {subject: (await js.publish(subject, body)).seq for subject, body in bad.items()}
+
+    def said(name: str, subject: str) -> str | None:
+        for line in stack.services[name].log_tail(400).splitlines():
+            if subject in line and "dead-lettered" in line:
+                return "already" if "already" in line else "stored"
+        return None
+
+    async def both_replicas_done() -> None:
+        while not all(said(name, subject) for name in replicas for subject in bad):
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(both_replicas_done(), 60)
+    for subject in bad:
+        # One replica stored it, the other was told it was there already.
+        assert sorted(str(said(name, subject)) for name in replicas) == ["already", "stored"]
+    letters: list[dict[str, Any]] = []
+    sub = await js.subscribe(
+        "pp.dlq.notifier", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+    )
+    info = await js.stream_info("PAUSEPATCH_DLQ")
+    for _ in range(info.state.messages):
+        msg = await sub.next_msg(timeout=10)
+        letters.append(json.loads(msg.data))
+        assert msg.headers and msg.headers["Nats-Msg-Id"].startswith("dlq.notifier.PAUSEPATCH.")
+    await sub.unsubscribe()
+    by_subject = {d["subject"]: d for d in letters}
+    assert sorted(d["subject"] for d in letters) == sorted(bad)
+    for subject, seq in stored.items():
+        letter = by_subject[subject]
+        assert (letter["stream"], letter["stream_seq"]) == ("PAUSEPATCH", seq)
+        assert base64.b64decode(letter["original_b64"]) == bad[subject]

@@ -164,7 +164,7 @@ def build_app(settings: NotifierSettings) -> FastStream:
         except Exception as exc:  # a document bug must not stop the replay: kept, and said
             log.exception("event at stream seq %d not applied", seq)
             service.skip(seq)
-            await dead_letter(broker, SERVICE, raw.subject, raw.data, f"not applied: {exc!r}")
+            await dead_letter(broker, SERVICE, raw.subject, raw.data, f"not applied: {exc!r}", raw)
         finally:
             maybe_snapshot()
 
@@ -173,7 +173,7 @@ def build_app(settings: NotifierSettings) -> FastStream:
             event = read_event(raw, ACCEPTED, settings.max_message_bytes)
         except InvalidMessage as exc:
             service.skip(seq)
-            await dead_letter(broker, SERVICE, raw.subject, raw.data, str(exc))
+            await dead_letter(broker, SERVICE, raw.subject, raw.data, str(exc), raw)
             return
         if event is None:
             service.skip(seq)  # an event the documents are not made of (a VM's pause, ...)
@@ -188,7 +188,7 @@ def build_app(settings: NotifierSettings) -> FastStream:
         try:
             read_event(raw, (), settings.max_message_bytes)
         except InvalidMessage as exc:
-            await dead_letter(broker, SERVICE, raw.subject, raw.data, str(exc))
+            await dead_letter(broker, SERVICE, raw.subject, raw.data, str(exc), raw)
 
     # The same subscription as the AsyncAPI document shows it (a broker of its own, never
     # connected: the replay above is what runs).
