@@ -3,6 +3,7 @@ recovery, and the Reboot path (same window, shutdown/start instead of suspend/re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -114,8 +115,8 @@ async def test_journal_is_on_disk_before_the_first_suspend_and_gone_after(
         request(PatchSpec(command=f"cp {journal.path} {copy}"))
     )
     assert result.ok
-    seen = json.loads(copy.read_text())
-    assert seen["vms"] == ["a", "b", "c"] and seen["rollout_id"] == "r1"
+    seen = PauseJournal(copy).load()
+    assert seen is not None and seen.vms == ["a", "b", "c"] and seen.rollout_id == "r1"
     assert journal.load() is None  # closed: every VM runs again
     paused = [e for e in events if isinstance(e, VMPaused)]
     assert len(paused) == 3
@@ -205,3 +206,57 @@ async def test_each_vm_has_its_span_in_a_recorded_window_and_none_in_an_unrecord
     window_context = per_vm[0][1]
     assert window_context.is_valid and not window_context.trace_flags.sampled
     assert {ctx.trace_id for _, ctx in seen} == {window_context.trace_id}
+
+
+def test_the_journal_is_rewritten_in_place_once_ready_and_replaced_over_an_open_window(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.json"
+    journal = PauseJournal(path)
+    entry = JournalEntry("r1", str(uuid.uuid4()), "Freeze", ["a", "b"], time.time(), 5, "w1")
+    journal.clear()  # made ready (an agent's start)
+    inode = path.stat().st_ino
+    journal.record(entry)
+    assert PauseJournal(path).load() == entry and path.stat().st_ino == inode
+    journal.clear()
+    assert PauseJournal(path).load() is None and path.stat().st_ino == inode
+    longer = JournalEntry("r2", None, "Reboot", [f"vm-{i}" for i in range(50)], 1.5, 30)
+    journal.record(longer)  # longer than the file: it grows, in place
+    assert PauseJournal(path).load() == longer and path.stat().st_ino == inode
+    journal.clear()  # shorter than the file: padded
+    assert PauseJournal(path).load() is None and path.stat().st_ino == inode
+    # A window still open (its VMs not all started again): the next record replaces the file
+    # whole, so that a crash while writing it leaves the open one readable.
+    journal.record(entry)
+    journal.record(longer)
+    assert PauseJournal(path).load() == longer and path.stat().st_ino != inode
+    journal.close()
+
+
+def test_a_record_cut_short_reads_as_no_window_and_is_kept_aside(tmp_path: Path) -> None:
+    path = tmp_path / "j.json"
+    journal = PauseJournal(path)
+    journal.clear()
+    journal.record(JournalEntry("r1", None, "Freeze", ["a", "b"], time.time(), 5))
+    journal.close()
+    whole = path.read_bytes()
+    # The first part of the file written, the rest as the closed window left it: valid JSON in
+    # places, never the entry.
+    cleared = PauseJournal(tmp_path / "other.json")
+    cleared.clear()
+    cleared.close()
+    old = (tmp_path / "other.json").read_bytes().ljust(len(whole))
+    for cut in (20, len(whole) // 2, len(whole) - 3):
+        path.write_bytes(whole[:cut] + old[cut:])
+        assert PauseJournal(path).load() is None
+        assert path.with_suffix(".corrupt").read_bytes() == whole[:cut] + old[cut:]
+    # An entry altered but still JSON: its checksum says so.
+    path.write_bytes(whole.replace(b'"a"', b'"x"'))
+    assert PauseJournal(path).load() is None
+
+
+def test_a_journal_of_the_previous_format_is_recovered(tmp_path: Path) -> None:
+    path = tmp_path / "j.json"
+    entry = JournalEntry("r1", str(uuid.uuid4()), "Freeze", ["a"], 1700000000.25, 5, "w1")
+    path.write_text(json.dumps(dataclasses.asdict(entry)))  # what earlier agents wrote
+    assert PauseJournal(path).load() == entry

@@ -222,6 +222,7 @@ class PauseWindow:
         """Release the threads."""
         self.calls.shutdown(wait=False, cancel_futures=True)
         self.path_thread.shutdown(wait=False, cancel_futures=True)
+        self.journal.close()
 
     @property
     def busy(self) -> bool:
@@ -528,6 +529,8 @@ class PauseWindow:
         loop = asyncio.get_running_loop()
         entry = await loop.run_in_executor(self.path_thread, self.journal.load)
         if entry is None:
+            # Made ready now: the first window records in place (`PauseJournal`).
+            await loop.run_in_executor(self.path_thread, self.journal.clear)
             return None
         event_type: EventType = "Reboot" if entry.event_type == "Reboot" else "Freeze"
         ops = self._ops(event_type)
