@@ -781,8 +781,8 @@ class DeadLetter(BaseMiddleware):  # type: ignore[type-arg]
 _DLQ_COUNTER = metrics.get_meter("pausepatch").create_counter(
     "pp.dlq.messages", description="Messages dead-lettered"
 )
-"""Every dead letter, whoever found it (a middleware, a batch reader, the notifier's replay); the
-process's meter provider, once `setup_telemetry` set it."""
+"""Every dead letter stored, whoever found it (a middleware, a batch reader, the notifier's replay);
+the process's meter provider, once `setup_telemetry` set it."""
 
 
 DLQ_PUBLISH_TIMEOUT_S = 5.0
@@ -833,7 +833,6 @@ async def dead_letter(
     if stored is not None:
         body["stream"], body["stream_seq"] = stored
         headers["Nats-Msg-Id"] = f"dlq.{service}.{stored[0]}.{stored[1]}"
-    _DLQ_COUNTER.add(1, {"service": service, "subject": subject})
     try:
         ack = await broker.publish(
             body,
@@ -847,8 +846,10 @@ async def dead_letter(
         return
     if ack is not None and ack.duplicate:
         log.info("a message on %s was dead-lettered already: %s", subject, reason)
-    else:
-        log.warning("dead-lettered a message on %s: %s", subject, reason)
+        return
+    # Counted where stored: the sum over a service's replicas is its dead letters.
+    _DLQ_COUNTER.add(1, {"service": service, "subject": subject})
+    log.warning("dead-lettered a message on %s: %s", subject, reason)
 
 
 async def raw_only(msg: Any) -> None:
