@@ -549,6 +549,11 @@ def wave_start(
     return max(previous_end, noticed + notice_s)
 
 
+def ts(value: str) -> float:
+    """An event's ISO 8601 stamp in epoch milliseconds."""
+    return datetime.fromisoformat(value).timestamp() * 1000
+
+
 def split_hosts(names: list[str], parts: int) -> list[list[str]]:
     """`names` in at most `parts` consecutive chunks of equal size (the last one shorter): the
     hosts of each agent process, and of each worker of the direct loop."""
@@ -560,9 +565,6 @@ def window_split(events: list[tuple[str, dict[str, Any]]], rid: str) -> dict[str
     """Where a window's overhead goes, per host (median / p99, ms): `stop` from the first
     suspend issued to the patch's start, `start` from the patch's end to the last resume
     returned (host clock, from the events' own timestamps)."""
-
-    def ts(value: str) -> float:
-        return datetime.fromisoformat(value).timestamp() * 1000
 
     first_pause: dict[str, float] = {}
     last_resume: dict[str, float] = {}
@@ -593,9 +595,6 @@ def wave_phases(events: list[tuple[str, dict[str, Any]]], rid: str) -> dict[str,
     last completion), clock tail (last completion to last clock result), transition (last clock
     result to the next wave's first start)."""
 
-    def ts(body: dict[str, Any]) -> float:
-        return datetime.fromisoformat(body["occurred_at"]).timestamp() * 1000
-
     wave_of_host: dict[str, int] = {}
     marks: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for _, body in events:
@@ -604,11 +603,11 @@ def wave_phases(events: list[tuple[str, dict[str, Any]]], rid: str) -> dict[str,
         kind = body.get("type")
         if kind == "MaintenancePlanned":
             wave_of_host[body["host"]] = body["wave"]
-            marks[body["wave"]]["planned"].append(ts(body))
+            marks[body["wave"]]["planned"].append(ts(body["occurred_at"]))
         elif kind in ("MaintenanceStarted", "MaintenanceCompleted", "ClockSynced"):
             wave = wave_of_host.get(body["host"])
             if wave is not None:
-                marks[wave][kind].append(ts(body))
+                marks[wave][kind].append(ts(body["occurred_at"]))
     rows: dict[str, list[float]] = defaultdict(list)
     waves = sorted(marks)
     for i, wave in enumerate(waves):
@@ -636,9 +635,6 @@ def host_timeline(events: list[tuple[str, dict[str, Any]]], rid: str) -> dict[st
     `HostClockSynced`: every guest clock of the host set). Each as the median and p99 over
     hosts, and as the median over waves of each wave's slowest host (`*_wave_max`: what the
     next wave waits for)."""
-
-    def ts(value: str) -> float:
-        return datetime.fromisoformat(value).timestamp() * 1000
 
     wave_of: dict[str, int] = {}
     marks: dict[str, dict[str, float]] = defaultdict(dict)
