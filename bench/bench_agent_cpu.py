@@ -42,7 +42,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_soak import _direct_worker, cpu_s, machine_speed, pct, write_result
+from bench_soak import _direct_worker, cpu_s, machine_speed, pct, run_s, write_result
 
 from shared import subjects
 from shared.bus import stream_declared
@@ -50,21 +50,6 @@ from shared.contracts import ClockAction, MaintenanceStarted, PatchSpec
 from shared.devstack import LocalStack, SimVM, sim_node_xml, temp_workdir
 
 RESULTS = Path(__file__).resolve().parent / "results" / "agent-cpu.json"
-
-
-def run_s(pid: int, tid: int | None = None) -> float:
-    """Time on a CPU so far (nanosecond precision, from the scheduler's own accounting) of one
-    thread, or of every live thread of a process: `/proc/.../stat` counts 10 ms ticks, too
-    coarse for a window's few milliseconds. The agent's and the direct loop's threads live as
-    long as they do (pools), so nothing of the measured windows is lost with a thread."""
-    tasks = [Path(f"/proc/{pid}/task/{tid}")] if tid else Path(f"/proc/{pid}/task").iterdir()
-    total = 0
-    for task in tasks:
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            pass  # a thread that ended meanwhile
-    return total / 1e9
 
 
 def vm_names(host: str, vms: int) -> list[str]:

@@ -37,7 +37,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_soak import cpu_s, machine_speed, write_result
+from bench_soak import machine_speed, run_s, write_result
 
 from shared import subjects
 from shared.client import PlannerClient, connect
@@ -170,7 +170,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             pids = {name: p.proc.pid for name, p in stack.services.items() if p.proc}
             assert stack.nats is not None and stack.nats.proc is not None
             pids["nats"] = stack.nats.proc.pid
-            cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
+            cpu_before = {name: run_s(pid) for name, pid in pids.items()}
             started = time.perf_counter()
             stamp = first
             for _ in range(args.rounds):
@@ -183,7 +183,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError("the bare reader never read every inventory")
             bare_result = parent.recv()
             await asyncio.sleep(2)  # the notifier's tail
-            cpu = {name: cpu_s(pid) - cpu_before[name] for name, pid in pids.items()}
+            cpu = {name: run_s(pid) - cpu_before[name] for name, pid in pids.items()}
             await nc.close()
         finally:
             if bare is not None:

@@ -185,6 +185,21 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def run_s(pid: int, tid: int | None = None) -> float:
+    """Time on a CPU so far (nanosecond precision, from the scheduler's own accounting) of one
+    thread, or of every live thread of a process: `/proc/.../stat` counts 10 ms ticks, too
+    coarse for a window's few milliseconds. The agent's and the direct loop's threads live as
+    long as they do (pools), so nothing of the measured windows is lost with a thread."""
+    tasks = [Path(f"/proc/{pid}/task/{tid}")] if tid else Path(f"/proc/{pid}/task").iterdir()
+    total = 0
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that ended meanwhile
+    return total / 1e9
+
+
 def context_switches(pid: int) -> int:
     """Context switches (voluntary and not) of every live thread of a process so far: each is a
     wake-up or a preemption, the currency of a message-passing system on few cores."""
