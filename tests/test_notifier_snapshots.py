@@ -3,12 +3,28 @@ ever moves forward."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import os
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+import nats.errors
+import pytest
 from nats.js.api import KeyValueConfig
 
 from services.notifier.document import ScheduledEventsDocument
-from services.notifier.snapshots import SnapshotCadence, SnapshotStore
+from services.notifier.snapshots import (
+    KEY,
+    PARTS,
+    Manifest,
+    SnapshotCadence,
+    SnapshotStore,
+    decode,
+    encode,
+)
+from shared.bus import read_bucket
 from shared.client import connect
 from shared.devstack import NatsServer
 from tests.test_notifier_document import inventory, planned
@@ -71,3 +87,199 @@ def test_a_snapshot_is_due_after_as_many_events_replayed_as_it_holds_not_stream_
     # Or `interval_s` after the last one, once anything was replayed since.
     assert not cadence.due(seq=60_001, size=50, now=30.0)
     assert cadence.due(seq=60_001, size=50, now=31.0)
+
+
+def noisy(seq: int, size: int) -> dict[str, Any]:
+    """A snapshot at `seq` whose `size` random bytes (base64 in the JSON) do not compress."""
+    return {"format": 1, "seq": seq, "noise": base64.b64encode(os.urandom(size)).decode()}
+
+
+async def part_keys(kv: Any) -> set[str]:
+    """The part keys holding a value (purged ones left out)."""
+    return {key for key in await read_bucket(kv) if key.startswith(PARTS)}
+
+
+async def stored_manifest(kv: Any) -> Manifest:
+    manifest = Manifest.of(decode((await kv.get(KEY)).value))
+    assert manifest is not None
+    return manifest
+
+
+async def bucket(nats_server: NatsServer, name: str) -> tuple[Any, Any]:
+    nc = await connect(nats_server.url)
+    return nc, await nc.jetstream().create_key_value(KeyValueConfig(bucket=name, history=1))
+
+
+async def test_a_snapshot_larger_than_a_part_is_stored_in_parts_and_replaced_whole(
+    nats_server: NatsServer,
+) -> None:
+    nc, kv = await bucket(nats_server, "pp_notifier_parts")
+    replica_a, replica_b = SnapshotStore(kv, part_size=4096), SnapshotStore(kv, part_size=4096)
+    first = noisy(1, 18_000)
+    assert await replica_a.save(first)
+    manifest = await stored_manifest(kv)
+    assert manifest.seq == 1 and manifest.size == len(encode(first)) > 4 * 4096
+    assert manifest.parts == 5 and len((await kv.get(KEY)).value) < 200  # counted, not listed
+    assert await part_keys(kv) == set(manifest.part_keys())
+    assert await SnapshotStore(kv, part_size=4096).load() == first
+
+    # A newer one from the other replica replaces it, and the first one's parts are purged.
+    second = noisy(2, 9_000)
+    assert await replica_b.save(second)
+    assert await replica_b.load() == second
+    assert await part_keys(kv) == set((await stored_manifest(kv)).part_keys())
+    assert not set(manifest.part_keys()) & await part_keys(kv)
+
+    # An older one is refused and leaves no part behind; so is one at the same `seq`.
+    assert not await replica_a.save(noisy(1, 12_000))
+    assert not await replica_a.save(noisy(2, 12_000))
+    assert await part_keys(kv) == set((await stored_manifest(kv)).part_keys())
+    assert await SnapshotStore(kv).load() == second
+
+    # A snapshot that fits replaces the parts with itself, as stored before there were parts.
+    small = {"format": 1, "seq": 3}
+    assert await replica_a.save(small)
+    assert decode((await kv.get(KEY)).value) == small
+    assert await part_keys(kv) == set()
+    assert await SnapshotStore(kv).load() == small
+    await nc.close()
+
+
+async def test_replicas_writing_in_turn_and_at_once_keep_one_snapshot_and_bounded_markers(
+    nats_server: NatsServer,
+) -> None:
+    """Part keys are reused: a store alternates between two generations of its own, so the
+    purge markers left behind stay at most two generations' parts per store, however many
+    writes."""
+    nc, kv = await bucket(nats_server, "pp_notifier_turns")
+    replicas = [SnapshotStore(kv, part_size=4096), SnapshotStore(kv, part_size=4096)]
+    for seq in range(1, 13):
+        assert await replicas[seq % 3 % 2].save(noisy(seq, 9_000))  # b, a, a, b, a, a, ...
+        assert (await stored_manifest(kv)).seq == seq
+        assert await part_keys(kv) == set((await stored_manifest(kv)).part_keys())
+    messages = (await kv.status()).values
+    assert messages <= 1 + 2 * 2 * 3, messages  # `documents`, and 2 stores x 2 generations x 3
+
+    # At once: the newer one is stored unless the older one's write came in between the newer
+    # one's read and write (a compare-and-set that failed is not retried); parts of the stored
+    # one only, either way.
+    written = await asyncio.gather(
+        replicas[0].save(noisy(20, 9_000)), replicas[1].save(noisy(21, 9_000))
+    )
+    assert any(written)
+    assert (await SnapshotStore(kv).load() or {})["seq"] == (21 if written[1] else 20)
+    assert await part_keys(kv) == set((await stored_manifest(kv)).part_keys())
+    await nc.close()
+
+
+async def test_a_missing_or_corrupt_part_makes_the_snapshot_unreadable_not_an_error(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    nc, kv = await bucket(nats_server, "pp_notifier_broken")
+    writer = SnapshotStore(kv, part_size=4096)
+    assert await writer.save(noisy(1, 9_000))
+    keys = (await stored_manifest(kv)).part_keys()
+
+    await kv.put(keys[1], os.urandom(4096))  # same length, other bytes
+    assert await SnapshotStore(kv).load() is None
+    assert "ignoring an unreadable snapshot" in caplog.text
+
+    await kv.purge(keys[2])
+    reader = SnapshotStore(kv, part_size=4096)
+    assert await reader.load() is None
+    # The replica that found it unreadable replaces it, and purges what was left of it.
+    assert await reader.save(noisy(2, 9_000))
+    assert (await reader.load() or {})["seq"] == 2
+    assert await part_keys(kv) == set((await stored_manifest(kv)).part_keys())
+    await nc.close()
+
+
+class PartsReplacedUnderTheReader:
+    """The bucket, where `replace` runs once just before the first part is read."""
+
+    def __init__(self, kv: Any, replace: Callable[[], Awaitable[object]]) -> None:
+        self.kv = kv
+        self.replace: Callable[[], Awaitable[object]] | None = replace
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.kv, name)
+
+    async def get(self, key: str) -> Any:
+        if key.startswith(PARTS) and self.replace is not None:
+            replace, self.replace = self.replace, None
+            await replace()
+        return await self.kv.get(key)
+
+
+async def test_a_reader_whose_parts_are_purged_meanwhile_reads_the_new_manifest(
+    nats_server: NatsServer,
+) -> None:
+    nc, kv = await bucket(nats_server, "pp_notifier_race")
+    replica_a = SnapshotStore(kv, part_size=4096)
+    assert await replica_a.save(noisy(1, 9_000))
+    newer = noisy(2, 9_000)
+    reader = SnapshotStore(PartsReplacedUnderTheReader(kv, lambda: replica_a.save(newer)))
+    assert await reader.load() == newer
+    await nc.close()
+
+
+async def test_a_snapshot_larger_than_one_message_saves_and_loads_with_the_default_parts(
+    nats_server: NatsServer,
+) -> None:
+    """The test server's `max_payload` is nats-server's default, 1 MB."""
+    nc, kv = await bucket(nats_server, "pp_notifier_large")
+    snapshot = noisy(1, 1_500_000)
+    assert len(encode(snapshot)) > nc.max_payload
+    assert await SnapshotStore(kv).save(snapshot)
+    manifest = await stored_manifest(kv)
+    assert manifest.parts == 2 and await part_keys(kv) == set(manifest.part_keys())
+    assert await SnapshotStore(kv).load() == snapshot
+    await nc.close()
+
+
+class ManifestWriteLost:
+    """The bucket, where the next write of `documents` raises a timeout, once stored or not;
+    `before_write` then runs before each write of `documents`."""
+
+    def __init__(self, kv: Any, stored: bool) -> None:
+        self.kv = kv
+        self.stored: bool | None = stored
+        self.before_write: Callable[[], Awaitable[None]] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.kv, name)
+
+    async def update(self, key: str, value: bytes, last: int | None = None) -> int:
+        if key == KEY and self.stored is not None:
+            stored, self.stored = self.stored, None
+            if stored:
+                await self.kv.update(key, value, last=last)
+            raise nats.errors.TimeoutError
+        if key == KEY and self.before_write is not None:
+            await self.before_write()
+        return int(await self.kv.update(key, value, last=last))
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["stored", "lost"])
+async def test_a_manifest_write_of_unknown_outcome_leaves_no_parts_after_the_next_write(
+    nats_server: NatsServer, stored: bool
+) -> None:
+    """The store cannot tell which of its parts the stored manifest names: it writes the next
+    ones under a new token (the stored snapshot stays readable meanwhile), then purges the
+    parts of its own that no manifest names."""
+    nc, kv = await bucket(nats_server, "pp_notifier_unsure")
+    bucket_with_a_lost_write = ManifestWriteLost(kv, stored)
+    store = SnapshotStore(bucket_with_a_lost_write, part_size=4096)
+    assert await store.save(noisy(1, 9_000))
+    with pytest.raises(nats.errors.TimeoutError):
+        await store.save(noisy(2, 9_000))
+    assert (await stored_manifest(kv)).seq == (2 if stored else 1)
+
+    async def the_stored_one_is_readable() -> None:
+        assert (await SnapshotStore(kv).load() or {})["seq"] == (2 if stored else 1)
+
+    bucket_with_a_lost_write.before_write = the_stored_one_is_readable
+    assert await store.save(noisy(3, 9_000))
+    assert (await SnapshotStore(kv).load() or {})["seq"] == 3
+    assert await part_keys(kv) == set((await stored_manifest(kv)).part_keys())
+    await nc.close()
