@@ -724,6 +724,61 @@ def notice_bound_waves(events: list[tuple[str, dict[str, Any]]], rid: str) -> in
     )
 
 
+PER_PROCESS = ("cpu_s_during_rollout", "context_switches_during_rollout", "memory_peak_mb")
+"""Figures with one entry per process: the agents' many are shown summed and as a range."""
+
+OVERHEAD_TARGET = 0.05
+"""The issue's target: the bus and the planner add at most 5 % to the theoretical minimum."""
+PAUSE_P99_TARGET_MS = 10.0
+"""The issue's target for the pause overhead's p99 under load."""
+
+
+def per_process(figures: dict[str, float], summed: bool) -> dict[str, Any]:
+    """`figures` with the agent processes' entries folded into one: their sum (`summed`) or
+    their largest, and each one's range."""
+    agents = [v for k, v in figures.items() if k.startswith("agents-")]
+    shown: dict[str, Any] = {k: v for k, v in figures.items() if not k.startswith("agents-")}
+    if agents:
+        low, high = min(agents), max(agents)
+        shown[f"agents ({len(agents)})"] = (
+            f"{round(sum(agents), 2) if summed else high} ({low}-{high} each)"
+        )
+    return shown
+
+
+def verdicts(result: dict[str, Any]) -> list[str]:
+    """The issue's two targets against this run's figures, with the same-run baseline beside."""
+    lines = []
+    overhead = result.get("overhead_vs_min")
+    if overhead is not None:
+        lines.append(
+            f"total vs the issue's minimum: +{overhead * 100:.1f} % "
+            f"({result['total_s']} s for {result['theoretical_min_s']} s; target <= "
+            f"{OVERHEAD_TARGET * 100:.0f} %): {'met' if overhead <= OVERHEAD_TARGET else 'NOT met'}"
+            f"; the direct loop took {result['direct_total_s']} s in the same run"
+        )
+    p99 = result.get("pause_overhead_p99_ms")
+    if p99 is not None:
+        lines.append(
+            f"pause overhead p99: {p99} ms (target <= {PAUSE_P99_TARGET_MS:.0f} ms): "
+            f"{'met' if p99 <= PAUSE_P99_TARGET_MS else 'NOT met'}; the direct loop's "
+            f"{result['direct_pause_overhead_p99_ms']} ms in the same run"
+        )
+    lines.append(f"messages lost: {result.get('messages_lost')}")
+    return lines
+
+
+def printable(result: dict[str, Any]) -> str:
+    """The result as a table of one figure per line (the agents folded), then the verdicts."""
+    shown = {
+        key: per_process(value, summed=key != "memory_peak_mb") if key in PER_PROCESS else value
+        for key, value in result.items()
+    }
+    width = max(len(k) for k in shown)
+    rows = [f"{key:<{width}}  {value}" for key, value in shown.items()]
+    return "\n".join([*rows, "", *verdicts(result)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--hosts", type=int, default=1000)
@@ -754,9 +809,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     result = asyncio.run(run(args))
-    width = max(len(k) for k in result)
-    for key, value in result.items():
-        print(f"{key:<{width}}  {value}")
+    print(printable(result))
     RESULTS.mkdir(exist_ok=True)
     out = args.out or RESULTS / ("soak-cluster.json" if args.cluster else "soak.json")
     out.write_text(json.dumps(result, indent=2))

@@ -143,3 +143,31 @@ def test_host_timeline_follows_each_host_from_its_start_to_its_clocks(soak: Modu
     assert timeline["completed_to_clock_p99"] == pytest.approx(375.0)
     assert timeline["completed_to_clock_wave_max"] == pytest.approx(275.0)
     assert soak.host_timeline(events, "none") == {}
+
+
+def test_the_printout_folds_the_agents_and_says_whether_each_target_is_met(
+    soak: ModuleType,
+) -> None:
+    result = {
+        "total_s": 11.4,
+        "theoretical_min_s": 11.0,
+        "overhead_vs_min": 0.0364,
+        "direct_total_s": 5.7,
+        "pause_overhead_p99_ms": 12.5,
+        "direct_pause_overhead_p99_ms": 3.1,
+        "cpu_s_during_rollout": {"planner": 3.5, "agents-0": 0.2, "agents-1": 0.4},
+        "memory_peak_mb": {"planner": 120.0, "agents-0": 74.0, "agents-1": 75.5},
+        "messages_lost": 0,
+    }
+    lines = soak.printable(result).splitlines()
+    cpu = next(line for line in lines if line.startswith("cpu_s_during_rollout"))
+    assert "'agents (2)': '0.6 (0.2-0.4 each)'" in cpu and "agents-0" not in cpu
+    memory = next(line for line in lines if line.startswith("memory_peak_mb"))
+    assert "'agents (2)': '75.5 (74.0-75.5 each)'" in memory  # the largest, not a sum
+    verdicts = lines[lines.index("") + 1 :]
+    assert verdicts[0].startswith("total vs the issue's minimum: +3.6 %")
+    assert ": met;" in verdicts[0]
+    assert verdicts[1].startswith("pause overhead p99: 12.5 ms") and "NOT met" in verdicts[1]
+    assert verdicts[2] == "messages lost: 0"
+    result["overhead_vs_min"] = 0.2
+    assert "NOT met" in soak.printable(result).splitlines()[-3]
