@@ -17,11 +17,13 @@ from nats.js.api import KeyValueConfig
 from services.notifier.document import ScheduledEventsDocument
 from services.notifier.snapshots import (
     KEY,
+    PART_MARGIN,
     PARTS,
     Manifest,
     SnapshotCadence,
     SnapshotStore,
     decode,
+    default_part_size,
     encode,
 )
 from shared.bus import read_bucket
@@ -230,7 +232,9 @@ async def test_a_snapshot_larger_than_one_message_saves_and_loads_with_the_defau
     nc, kv = await bucket(nats_server, "pp_notifier_large")
     snapshot = noisy(1, 1_500_000)
     assert len(encode(snapshot)) > nc.max_payload
-    assert await SnapshotStore(kv).save(snapshot)
+    # What the service passes (from its connection) is what a store finds by itself.
+    assert default_part_size(nc) == default_part_size(kv) == nc.max_payload - PART_MARGIN
+    assert await SnapshotStore(kv, part_size=default_part_size(nc)).save(snapshot)
     manifest = await stored_manifest(kv)
     assert manifest.parts == 2 and await part_keys(kv) == set(manifest.part_keys())
     assert await SnapshotStore(kv).load() == snapshot

@@ -40,7 +40,7 @@ from services.notifier.document import (
 )
 from services.notifier.service import ScheduledEventsService
 from services.notifier.settings import NotifierSettings
-from services.notifier.snapshots import SnapshotCadence, SnapshotStore
+from services.notifier.snapshots import SnapshotCadence, SnapshotStore, default_part_size
 from services.notifier.webhooks import RetryPolicy, WebhookDispatcher
 from shared import subjects
 from shared.bus import (
@@ -253,7 +253,9 @@ def build_app(settings: NotifierSettings) -> FastStream:
         await wait_for_stream(broker)
         store.append(
             SnapshotStore(
-                await key_value(broker, settings.snapshot_bucket, settings.stream_replicas)
+                await key_value(broker, settings.snapshot_bucket, settings.stream_replicas),
+                # What one message carries, as this server announced it (parts past it).
+                part_size=default_part_size(broker.config.connection_state.connection),
             )
         )
         js = broker.config.connection_state.stream

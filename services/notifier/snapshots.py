@@ -104,11 +104,13 @@ class UnreadableParts(Exception):
     """A part is missing, or the parts do not make the snapshot the manifest describes."""
 
 
-def default_part_size(kv: Any) -> int:
-    """The largest message the server announced to the connection under `kv` (a nats-py
-    KeyValue reaches it through its JetStream context), less `PART_MARGIN`."""
-    nc = getattr(getattr(kv, "_js", None), "_nc", None)
-    max_payload = int(getattr(nc, "max_payload", DEFAULT_MAX_PAYLOAD_SIZE))
+def default_part_size(connection: Any) -> int:
+    """The largest message the server announced to `connection` (a nats-py client; or a
+    KeyValue, whose JetStream context holds its client), less `PART_MARGIN`."""
+    nc = getattr(getattr(connection, "_js", None), "_nc", connection)
+    max_payload = int(
+        getattr(nc, "max_payload", DEFAULT_MAX_PAYLOAD_SIZE) or DEFAULT_MAX_PAYLOAD_SIZE
+    )
     return max_payload - min(PART_MARGIN, max_payload // 2)
 
 
