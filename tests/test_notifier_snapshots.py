@@ -132,9 +132,13 @@ async def test_a_snapshot_larger_than_a_part_is_stored_in_parts_and_replaced_who
     assert await part_keys(kv) == set((await stored_manifest(kv)).part_keys())
     assert not set(manifest.part_keys()) & await part_keys(kv)
 
-    # An older one is refused and leaves no part behind; so is one at the same `seq`.
+    # An older one is refused and leaves no part behind; so is one at the same `seq`. Both are
+    # refused before their parts are written: the bucket's stream takes no message at all.
+    js = nc.jetstream()
+    last = (await js.stream_info("KV_pp_notifier_parts")).state.last_seq
     assert not await replica_a.save(noisy(1, 12_000))
     assert not await replica_a.save(noisy(2, 12_000))
+    assert (await js.stream_info("KV_pp_notifier_parts")).state.last_seq == last
     assert await part_keys(kv) == set((await stored_manifest(kv)).part_keys())
     assert await SnapshotStore(kv).load() == second
 

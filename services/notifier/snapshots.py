@@ -243,12 +243,28 @@ class SnapshotStore:
         if self.manifest is not None and self.manifest.token == token:
             token = f"{self.token}-1"
         manifest = Manifest(seq, token, -(-len(raw) // part_size), len(raw), sha256)
+        if await self._stored_is_as_new(seq):
+            return False  # refused before its parts are written, not after
         for i, key in enumerate(manifest.part_keys()):
             await self.kv.put(key, raw[i * part_size : (i + 1) * part_size])
         if await self._replace(encode(asdict(manifest)), seq, manifest):
             return True
         await self._purge(manifest)
         return False
+
+    async def _stored_is_as_new(self, seq: int) -> bool:
+        """Whether another replica stored a snapshot at `seq` or later since this store's last
+        write or load (one read, of a manifest when the stored snapshot is in parts): a replica
+        that is behind would otherwise write every part only to see its compare-and-set
+        refused."""
+        try:
+            entry = await self.kv.get(KEY)
+        except KeyNotFoundError:
+            return False
+        if entry.revision == self.revision:
+            return False
+        stored_seq, _ = await asyncio.to_thread(_stored, entry.value)  # unreadable: -1
+        return stored_seq >= seq
 
     async def _replace(self, value: bytes, seq: int, manifest: Manifest | None) -> bool:
         """Compare-and-set `value` (the snapshot at `seq`, or `manifest`) unless the stored one
