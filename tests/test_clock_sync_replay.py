@@ -234,8 +234,10 @@ async def test_resumes_whose_agent_answers_only_later_are_synced_once_it_does(
     # to the consumer's ack wait (30 s), after which the server delivers it again by itself.
     # Both are the product working; the wait covers the slower one.
     results = await watcher.wait_for(
-        lambda w: len({r.vm for r in w.events(ClockSynced, host=HOST)}) >= 2
-        and w.events(ClockSynced, host=HOST),
+        lambda w: (
+            len({r.vm for r in w.events(ClockSynced, host=HOST)}) >= 2
+            and w.events(ClockSynced, host=HOST)
+        ),
         45,
         "both results",
     )
