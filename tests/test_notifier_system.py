@@ -4,6 +4,7 @@ the notifier as processes; VMs call from loopback addresses of their own (127.0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import threading
@@ -12,14 +13,18 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from nats.js.api import DeliverPolicy
+from nats.js.errors import KeyNotFoundError
 
+from services.notifier.snapshots import KEY as SNAPSHOT_KEY
+from services.notifier.snapshots import Manifest, decode
 from shared import subjects
-from shared.client import EventWatcher, PlannerClient
+from shared.client import EventWatcher, PlannerClient, connect
 from shared.contracts import (
     ClockSynced,
     HostInventory,
@@ -582,3 +587,95 @@ async def test_the_documents_stay_current_when_the_server_loses_the_replay_or_re
     await client.abort(rollout["rollout_id"])
     await web1.wait(lambda d: d["Events"] == [], 30)  # the abort, after the restart
     await web1.close()
+
+
+async def test_a_snapshot_larger_than_one_message_is_written_in_parts_and_a_restart_loads_it(
+    workdir: Path,
+) -> None:
+    """A server that carries 64 KiB per message, and a fleet whose documents' snapshot is larger
+    than that compressed (3,000 VMs of distinct UUIDs and addresses): the notifier writes it in
+    parts, and a notifier started after it loads it instead of replaying the stream."""
+    stack = LocalStack(workdir)
+    stack.start_nats(config="max_payload: 65536\n")
+    nc = None
+    try:
+        start_core(stack, notifier=False, clock_sync=False)
+        nc = await connect(stack.nats_url)
+        await wait_stream(nc)
+        js = nc.jetstream()
+        hosts = [f"rack-{i:03d}" for i in range(150)]
+        inventories = [
+            HostInventory(
+                host=host,
+                vms=[
+                    VMInfo(
+                        vm=f"{host}-vm-{v:02d}",
+                        uuid=uuid.uuid4().hex,
+                        availability_set=f"set-{v % 7}",
+                        update_domain=h % 5,
+                        ip=f"127.1.{h}.{v + 1}",
+                        state="running",
+                    )
+                    for v in range(20)
+                ],
+            )
+            for h, host in enumerate(hosts)
+        ]
+
+        async def publish(inventory: HostInventory) -> None:
+            await js.publish(
+                inventory.subject(),
+                inventory.model_dump_json().encode(),
+                headers={"Nats-Msg-Id": str(inventory.event_id)},
+            )
+
+        for inventory in inventories:
+            await publish(inventory)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+
+        def start() -> None:
+            stack.start_service(
+                "notifier",
+                "notifier",
+                ["--listen", f"127.0.0.1:{port}"],
+                PP_SNAPSHOT_INTERVAL_S="1",
+            )
+
+        start()
+        await wait_http(url)
+        kv = await js.key_value("pp_notifier")
+
+        async def stored_in_parts() -> Manifest:
+            # A snapshot is due a second after the last one while events come: the first host's
+            # heartbeat, twice a second, as the fleet's heartbeats would.
+            while True:
+                await publish(inventories[0].model_copy(update={"event_id": uuid.uuid4()}))
+                with contextlib.suppress(KeyNotFoundError):
+                    stored = decode((await kv.get(SNAPSHOT_KEY)).value or b"")
+                    manifest = Manifest.of(stored)
+                    if manifest is not None:
+                        return manifest
+                await asyncio.sleep(0.5)  # the next heartbeat; the wait is bounded
+
+        manifest = await asyncio.wait_for(stored_in_parts(), 30)
+        assert manifest.parts >= 2, manifest
+        assert set(manifest.part_keys()) <= set(await kv.keys())
+        async with httpx.AsyncClient(base_url=url) as http:
+            before = (await http.get("/healthz")).json()
+        assert before["handled"] >= len(hosts)
+
+        stack.services["notifier"].kill()
+        start()
+        await wait_http(url)
+        log = stack.services["notifier"].log_tail(200)
+        assert "documents loaded from the snapshot" in log, log
+        async with httpx.AsyncClient(base_url=url) as http:
+            after = (await http.get("/healthz")).json()
+        # The restart replayed the heartbeats after the snapshot, not the fleet's inventories.
+        last = await js.get_last_msg(subjects.STREAM_NAME, subjects.HOST_AND_ROLLOUT_EVENTS)
+        assert after["seq"] == last.seq and after["handled"] < len(hosts) // 2, (before, after)
+    finally:
+        if nc is not None:
+            await nc.close()
+        stack.stop()
