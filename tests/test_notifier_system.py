@@ -24,7 +24,7 @@ from nats.js.errors import KeyNotFoundError
 from services.notifier.snapshots import KEY as SNAPSHOT_KEY
 from services.notifier.snapshots import Manifest, decode
 from shared import subjects
-from shared.client import EventWatcher, PlannerClient, connect
+from shared.client import EventWatcher, PlannerClient
 from shared.contracts import (
     ClockSynced,
     HostInventory,
@@ -38,7 +38,15 @@ from shared.contracts import (
     VMResumed,
 )
 from shared.devstack import LocalStack, free_port
-from tests.support.fleet import ready, sim_vms, start_core, wait_hosts, wait_http, wait_stream
+from tests.support.fleet import (
+    planner_on_small_messages,
+    ready,
+    sim_vms,
+    start_core,
+    wait_hosts,
+    wait_http,
+    wait_stream,
+)
 
 PATH = "/metadata/scheduledevents"
 V = {"api-version": "2020-07-01"}
@@ -595,13 +603,7 @@ async def test_a_snapshot_larger_than_one_message_is_written_in_parts_and_a_rest
     """A server that carries 64 KiB per message, and a fleet whose documents' snapshot is larger
     than that compressed (3,000 VMs of distinct UUIDs and addresses): the notifier writes it in
     parts, and a notifier started after it loads it instead of replaying the stream."""
-    stack = LocalStack(workdir)
-    stack.start_nats(config="max_payload: 65536\n")
-    nc = None
-    try:
-        start_core(stack, notifier=False, clock_sync=False)
-        nc = await connect(stack.nats_url)
-        await wait_stream(nc)
+    async with planner_on_small_messages(workdir) as (stack, nc):
         js = nc.jetstream()
         hosts = [f"rack-{i:03d}" for i in range(150)]
         inventories = [
@@ -675,7 +677,3 @@ async def test_a_snapshot_larger_than_one_message_is_written_in_parts_and_a_rest
         # The restart replayed the heartbeats after the snapshot, not the fleet's inventories.
         last = await js.get_last_msg(subjects.STREAM_NAME, subjects.HOST_AND_ROLLOUT_EVENTS)
         assert after["seq"] == last.seq and after["handled"] < len(hosts) // 2, (before, after)
-    finally:
-        if nc is not None:
-            await nc.close()
-        stack.stop()

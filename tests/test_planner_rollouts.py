@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from shared.client import CommandError, EventWatcher, PlannerClient, connect
+from shared.client import CommandError, EventWatcher, PlannerClient
 from shared.contracts import (
     ClockSynced,
     HostClockSynced,
@@ -31,6 +31,7 @@ from shared.contracts import (
 )
 from shared.devstack import LocalStack
 from tests.support.fleet import (
+    planner_on_small_messages,
     ready,
     sim_vms,
     start_core,
@@ -392,14 +393,8 @@ async def test_an_answer_larger_than_one_message_leaves_the_plan_out_and_says_so
     # A server that carries 64 KiB per message, and 1,800 hosts with long names: the plan alone
     # is larger (77 KB; a rollout of ~60,000 hosts is, against the 1 MiB of
     # deploy/nats/nats.conf). Such an answer used to be dropped: the caller timed out.
-    stack = LocalStack(workdir)
-    stack.start_nats(config="max_payload: 65536\n")
-    nc = None
-    try:
-        start_core(stack, notifier=False, clock_sync=False)
-        nc = await connect(stack.nats_url)
+    async with planner_on_small_messages(workdir) as (_, nc):
         client = PlannerClient(nc)
-        await wait_stream(nc)
         js = nc.jetstream()
         hosts = [f"hypervisor-{i:05d}-rack-{i // 40:03d}-west-example" for i in range(1800)]
         for i, host in enumerate(hosts):
@@ -426,10 +421,6 @@ async def test_an_answer_larger_than_one_message_leaves_the_plan_out_and_says_so
         waves = {h["host"]: h["wave"] for h in report["hosts"]}
         assert sorted(waves) == sorted(hosts)
         assert sorted(Counter(waves.values()).values()) == [100] * 18
-    finally:
-        if nc is not None:
-            await nc.close()
-        stack.stop()
 
 
 async def test_the_planner_counts_the_vms_paused_now_from_each_hosts_pause_event(

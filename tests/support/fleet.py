@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from nats.aio.client import Client
 
 from shared import subjects
 from shared.bus import NOT_READY_TIMEOUT_S
-from shared.client import CommandError, EventWatcher, PlannerClient
+from shared.client import CommandError, EventWatcher, PlannerClient, connect
 from shared.contracts import RolloutStatus
 from shared.devstack import LocalStack, SimVM, free_port
 
@@ -137,3 +138,23 @@ async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 
         if loop.time() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def planner_on_small_messages(
+    workdir: Path, max_payload: int = 65536
+) -> AsyncIterator[tuple[LocalStack, Client]]:
+    """A stack whose nats-server carries at most `max_payload` bytes per message, with the
+    planner up and its stream declared: the stack and a connection to it, both stopped after."""
+    stack = LocalStack(workdir)
+    stack.start_nats(config=f"max_payload: {max_payload}\n")
+    nc = None
+    try:
+        start_core(stack, notifier=False, clock_sync=False)
+        nc = await connect(stack.nats_url)
+        await wait_stream(nc)
+        yield stack, nc
+    finally:
+        if nc is not None:
+            await nc.close()
+        stack.stop()
