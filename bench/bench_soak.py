@@ -775,6 +775,16 @@ def verdicts(result: dict[str, Any]) -> list[str]:
                 f"the direct loop's {result['direct_pause_overhead_p99_ms']} ms in the same run",
             )
         )
+    cpu = result.get("cpu_s_during_rollout")
+    if cpu and result.get("total_s"):
+        agents = sum(v for k, v in cpu.items() if k.startswith("agents-"))
+        total = sum(cpu.values())
+        cores = os.cpu_count() or 1
+        lines.append(
+            f"CPU: {total:.1f} CPU-seconds in {result['total_s']} s on {cores} cores "
+            f"({total / result['total_s'] / cores:.0%} busy); the simulated hosts' agents "
+            f"{agents:.1f} of them, the control plane and nats-server {total - agents:.1f}"
+        )
     lines.append(f"messages lost: {result.get('messages_lost')}")
     return lines
 
