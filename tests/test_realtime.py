@@ -19,7 +19,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from services.host_agent.journal import PauseJournal
 from services.host_agent.libvirt_hypervisor import LibvirtHypervisor
 from services.host_agent.pause_window import PauseWindow, WindowRequest
-from services.host_agent.realtime import RealtimeWindows, policy_of, thread_ids
+from services.host_agent.realtime import (
+    WINDOW_SWITCH_INTERVAL_S,
+    RealtimeWindows,
+    policy_of,
+    quick_gil_handoff,
+    thread_ids,
+)
 from shared.contracts import Event, PatchSpec, VMResumed
 from shared.devstack import SimVM, sim_node_xml
 
@@ -37,9 +43,11 @@ class RecordingHypervisor(LibvirtHypervisor):
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
         self.seen: list[tuple[str, int, int]] = []
+        self.switch_intervals: set[float] = set()
 
     def _note(self, call: str) -> None:
         self.seen.append((call, policy_of(0), os.sched_getparam(0).sched_priority))
+        self.switch_intervals.add(sys.getswitchinterval())
 
     def suspend(self, vm: str) -> None:
         self._note("suspend")
@@ -65,6 +73,8 @@ async def test_the_window_runs_real_time_and_the_patch_does_not(
     hv: RecordingHypervisor, tmp_path: Path
 ) -> None:
     assert normal_everywhere()
+    interval = sys.getswitchinterval()
+    assert interval > WINDOW_SWITCH_INTERVAL_S  # the interpreter's default, 5 ms
     events: list[Event] = []
     window = PauseWindow(
         "h1",
@@ -88,7 +98,30 @@ async def test_the_window_runs_real_time_and_the_patch_does_not(
     assert "SCHED_OTHER" in policy, policy
     assert "priority: 0" in policy, policy
     assert normal_everywhere()  # the loop, the pools, the window's thread: all back
+    # The GIL changed hands quickly while the VMs were stopped, at the default again after.
+    assert hv.switch_intervals == {WINDOW_SWITCH_INTERVAL_S}
+    assert sys.getswitchinterval() == interval
     window.close()
+
+
+def test_the_gil_changes_hands_quickly_until_the_last_window_of_the_process_closes() -> None:
+    interval = sys.getswitchinterval()
+    entered, leave = threading.Event(), threading.Event()
+
+    def second_window() -> None:
+        with quick_gil_handoff():
+            entered.set()
+            leave.wait(10)
+
+    with quick_gil_handoff():  # the first window, on this thread
+        assert sys.getswitchinterval() == WINDOW_SWITCH_INTERVAL_S
+        thread = threading.Thread(target=second_window)
+        thread.start()
+        assert entered.wait(10)
+    assert sys.getswitchinterval() == WINDOW_SWITCH_INTERVAL_S  # the second is still open
+    leave.set()
+    thread.join(10)
+    assert sys.getswitchinterval() == interval
 
 
 def test_other_threads_run_one_step_below_until_the_last_window_closes() -> None:

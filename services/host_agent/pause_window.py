@@ -34,7 +34,7 @@ from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from services.host_agent.hypervisor import Hypervisor, HypervisorError
 from services.host_agent.journal import JournalEntry, PauseJournal
 from services.host_agent.patch import PatchResult, kill_group, run_patch
-from services.host_agent.realtime import RealtimeWindows
+from services.host_agent.realtime import RealtimeWindows, quick_gil_handoff
 from shared.contracts import (
     Event,
     EventType,
@@ -271,7 +271,10 @@ class PauseWindow:
         loop: asyncio.AbstractEventLoop,
         on_stopped: Callable[[dict[str, Call]], None],
     ) -> _Path:
-        with self.realtime.window() if self.realtime is not None else nullcontext():
+        with (
+            quick_gil_handoff(),
+            self.realtime.window() if self.realtime is not None else nullcontext(),
+        ):
             return self._path(req, loop, on_stopped)
 
     def _path(
