@@ -256,15 +256,21 @@ class SnapshotStore:
         """Whether another replica stored a snapshot at `seq` or later since this store's last
         write or load (one read, of a manifest when the stored snapshot is in parts): a replica
         that is behind would otherwise write every part only to see its compare-and-set
-        refused."""
+        refused. An older one is taken as the revision to replace (what the compare-and-set
+        would read again after failing on the revision this store knew)."""
         try:
             entry = await self.kv.get(KEY)
         except KeyNotFoundError:
             return False
         if entry.revision == self.revision:
             return False
-        stored_seq, _ = await asyncio.to_thread(_stored, entry.value)  # unreadable: -1
-        return stored_seq >= seq
+        stored_seq, stored = await asyncio.to_thread(_stored, entry.value)  # unreadable: -1
+        if stored_seq >= seq:
+            return True
+        # Its parts are purged once this write replaces it; this store's own were, by whoever
+        # replaced them.
+        self.revision, self.manifest = entry.revision, stored
+        return False
 
     async def _replace(self, value: bytes, seq: int, manifest: Manifest | None) -> bool:
         """Compare-and-set `value` (the snapshot at `seq`, or `manifest`) unless the stored one
