@@ -413,9 +413,11 @@ class LocalStack:
 
 @contextlib.contextmanager
 def temp_workdir(prefix: str = "pausepatch-") -> Iterator[Path]:
-    """A temporary work directory, removed afterwards."""
+    """A temporary work directory, removed afterwards (kept with `PP_KEEP_WORKDIR=1` in the
+    environment: the services' logs, nats-server's store and log, for a run to look into)."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        if not os.environ.get("PP_KEEP_WORKDIR"):
+            shutil.rmtree(path, ignore_errors=True)

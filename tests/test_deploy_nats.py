@@ -27,6 +27,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.api import DeliverPolicy
 
+from services.planner.main import clock_results_in_stream
 from shared import subjects
 from shared.client import EventWatcher, PlannerClient
 from shared.contracts import (
@@ -364,6 +365,18 @@ async def test_every_service_runs_a_whole_rollout_logged_in_as_its_own_user(
         d["service"] == "planner" and d["subject"] == subjects.host_approved("hv-01") for d in dead
     ), dead
     await watcher.stop()
+
+    # The planner's user may read a host's clock results from the stream (what the planner
+    # does when their delivery is late).
+    as_planner = await secured.connect("planner")
+    try:
+        hv01 = sorted(node_vms("hv-01"))
+        found = await clock_results_in_stream(
+            as_planner.jetstream(), str(synced[0].rollout_id), "hv-01", hv01
+        )
+    finally:
+        await as_planner.close()
+    assert sorted(found) == hv01
 
     # The containers' health checks pass with each service's own login, and fail for an agent
     # that stopped.

@@ -12,11 +12,14 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from services.planner.engine import REPLY_MAX_BYTES, RequestError, RolloutEngine, fit_reply
+from services.planner.main import clock_results_in_stream
 from services.planner.state import RolloutStore
 from services.planner.waves import WavePlan, check_plan
+from shared import subjects
 from shared.bus import read_bucket
 from shared.client import connect
 from shared.contracts import (
+    ClockSynced,
     Event,
     HostClockSynced,
     HostInventory,
@@ -780,3 +783,123 @@ async def test_a_wave_ends_with_the_last_of_its_hosts_clock_results_however_they
     await fleet.engine.on_host_clock(
         HostClockSynced(host="h9", rollout_id=rollout.rollout_id, clocks={})
     )
+
+
+async def test_clock_results_whose_delivery_never_comes_are_read_from_the_stream(
+    nats_server: NatsServer,
+) -> None:
+    """A wave waits for every resumed VM's clock result, which comes through the planner's
+    consumer. When a delivery never arrives (one soak in about ten lost a `HostClockSynced`
+    between the server and the handler until its 30 s ack wait), the results are read from the
+    stream once they are `clock_lookup_after_s` late: the host's last `HostClockSynced`, then
+    each VM's own `ClockSynced`; a result of another rollout is not one."""
+    nc = await connect(nats_server.url)
+    js = nc.jetstream()
+    await js.add_stream(name=subjects.STREAM_NAME, subjects=[subjects.EVENTS_ROOT])
+    kv = await js.create_key_value(bucket="rollouts_lookup", history=1)
+    published: list[Event] = []
+
+    async def publish(event: Event) -> None:
+        published.append(event)
+
+    clock = Clock()
+    engine = RolloutEngine(
+        RolloutStore(kv, js, "rollouts_lookup"),
+        publish,
+        TracerProvider().get_tracer("t"),
+        now=clock,
+        clock_lookup=lambda rollout_id, host, vms: clock_results_in_stream(
+            js, rollout_id, host, vms
+        ),
+        clock_lookup_after_s=2.0,
+    )
+    fleet = Fleet(engine, published, clock)
+    fleet.report("h0", [vm("a", None, None), vm("b", None, None)])
+    fleet.report("h1", [vm("c", None, None)])
+    rollout = await engine.submit(
+        RolloutSubmit(
+            update_id="u", patch=PatchSpec(duration_s=0), notice_s=0, max_hosts_in_flight=1
+        )
+    )
+    rid = rollout.rollout_id
+
+    def result(vm_name: str, skew: float) -> VMClock:
+        return VMClock(
+            ok=True, skew_before_ms=skew, skew_after_ms=0.4, method="host-time", attempts=1
+        )
+
+    async def store(event: Event) -> None:
+        """What clock-sync stores; nothing of it is handed to the engine."""
+        await js.publish(event.subject(), event.model_dump_json().encode())
+
+    async def complete(host: str, vms: list[str]) -> None:
+        [started] = [e for e in published if isinstance(e, MaintenanceStarted) and e.host == host]
+        now = clock.now
+        outcomes = [
+            VMWindowOutcome(vm=n, outcome="resumed", paused_ms=50.0, paused_at=now, resumed_at=now)
+            for n in vms
+        ]
+        await fleet.complete(started, vms=outcomes)
+
+    await fleet.tick(0)
+    await fleet.tick(0)
+    assert started_hosts(published) == ["h0"]
+    await complete("h0", ["a", "b"])
+    # a's result came in the host's event, b's in its own only (its host event went elsewhere).
+    await store(HostClockSynced(host="h0", rollout_id=rid, clocks={"a": result("a", -50.0)}))
+    await store(
+        ClockSynced(
+            host="h0",
+            vm="b",
+            rollout_id=rid,
+            ok=True,
+            skew_before_ms=-51.0,
+            skew_after_ms=0.3,
+            method="host-time",
+            attempts=2,
+        )
+    )
+    await fleet.tick(1.0)
+    assert started_hosts(published) == ["h0"]  # 1 s late: still waiting for the delivery
+    await fleet.tick(1.5)
+    assert started_hosts(published) == ["h0", "h1"]  # read from the stream 2.5 s in
+    records = engine.hosts[(rid, "h0")].vm_records
+    assert {n: (r.clock_ok, r.skew_before_ms) for n, r in records.items()} == {
+        "a": (True, -50.0),
+        "b": (True, -51.0),
+    }
+
+    # c's only result in the stream is of another rollout: not taken; its own, stored later, is.
+    await complete("h1", ["c"])
+    await store(
+        ClockSynced(
+            host="h1",
+            vm="c",
+            rollout_id="r-other",
+            ok=False,
+            method="none",
+            attempts=1,
+            error="another rollout's",
+        )
+    )
+    await fleet.tick(2.5)
+    assert engine.rollouts[rid].state == "running"
+    assert engine.hosts[(rid, "h1")].vm_records["c"].clock_ok is None
+    await store(
+        ClockSynced(
+            host="h1",
+            vm="c",
+            rollout_id=rid,
+            ok=True,
+            skew_before_ms=-52.0,
+            skew_after_ms=0.2,
+            method="host-time",
+            attempts=1,
+        )
+    )
+    await fleet.tick(1.0)  # the next lookup waits as long again as the host has waited
+    assert engine.rollouts[rid].state == "running"
+    await fleet.tick(2.0)
+    assert engine.rollouts[rid].state == "completed"
+    assert engine.hosts[(rid, "h1")].vm_records["c"].skew_before_ms == -52.0
+    await nc.close()

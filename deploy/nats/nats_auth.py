@@ -151,7 +151,7 @@ def _kv_bucket(bucket: str) -> list[str]:
 
 def planner() -> User:
     """Owns the streams and the rollout state, answers `pp.cmd.rollout.*`, announces and starts
-    maintenance."""
+    maintenance; reads a host's last clock results from the stream when their delivery is late."""
     streams = [
         f"$JS.API.STREAM.{verb}.{name}"
         for name in (STREAM, DLQ_STREAM_NAME)
@@ -176,6 +176,8 @@ def planner() -> User:
             f"$JS.API.STREAM.PURGE.KV_{ROLLOUTS_BUCKET}",
             # Heartbeats beyond the stream's bound per subject, once, when the bound is added.
             f"$JS.API.STREAM.PURGE.{STREAM}",
+            # A host's clock results read from the stream when their delivery is late.
+            f"$JS.API.STREAM.MSG.GET.{STREAM}",
         ],
         subscribe=[subjects.rollout_command("*"), *_leader_elections(STREAM, PLANNER_DURABLES)],
         responds=True,

@@ -41,6 +41,7 @@ from shared.contracts import (
     MaintenanceStarted,
     RolloutStatus,
     RolloutSubmit,
+    VMClock,
     VMInfo,
     utcnow,
 )
@@ -56,6 +57,10 @@ PRUNE_EVERY_S = 60.0
 """How often finished rollouts are checked against the retention."""
 PRUNE_RETRY_S = 3600.0
 """After a failure to forget them, when it is tried again."""
+
+ClockLookup = Callable[[str, str, list[str]], Awaitable[dict[str, VMClock]]]
+"""`(rollout id, host, VMs)`: the clock results of those VMs in that rollout that the stream
+holds (`RolloutEngine.clock_lookup`)."""
 
 
 class RequestError(Exception):
@@ -133,6 +138,8 @@ class RolloutEngine:
         max_defer_s: float = 600.0,
         max_defers: int = 1,
         retention_s: float = 7 * 24 * 3600.0,
+        clock_lookup: ClockLookup | None = None,
+        clock_lookup_after_s: float = 2.0,
     ) -> None:
         self.store = store
         self.publish = publish
@@ -146,6 +153,11 @@ class RolloutEngine:
         self.max_defer_s = max_defer_s
         self.max_defers = max_defers
         self.retention_s = retention_s
+        self.clock_lookup = clock_lookup
+        """Reads clock results from the stream for a host whose results have not all come
+        `clock_lookup_after_s` after its completion (`_look_up_clocks`); None: only wait."""
+        self.clock_lookup_after_s = clock_lookup_after_s
+        self._clock_lookup_due: dict[tuple[str, str], datetime] = {}
         self._next_prune: datetime | None = None
         self.inventory: dict[str, HostInventory] = {}
         self._placements: dict[str, list[tuple[str, int]]] = {}
@@ -626,10 +638,59 @@ class RolloutEngine:
         if await self._notice_ahead(rollout):
             await self.store.save_rollout(rollout)
             await self._status(rollout)
+        if self.clock_lookup is not None and all(r.terminal for r in runs):
+            await self._look_up_clocks(runs, now)
         if all(r.terminal and r.clock_settled(now, self.clock_timeout_s) for r in runs):
+            for run in runs:
+                self._clock_lookup_due.pop((run.rollout_id, run.host), None)
             await self._next_wave(rollout)
             return True
         return False
+
+    async def _look_up_clocks(self, runs: list[HostRun], now: datetime) -> None:
+        """The clock results a finished wave still waits for, read from the stream.
+
+        The wave waits for every resumed VM's clock result, as its host's `HostClockSynced`
+        brings it through the planner's consumer. A delivery that never reaches the planner (one
+        soak in about ten lost one `HostClockSynced` between the server and the handler, and
+        JetStream gave it again only after its 30 s ack wait) would hold the whole rollout until
+        `clock_timeout_s`, though the result is in the stream. So once a host's results are
+        `clock_lookup_after_s` late, they are read from the stream (`clock_lookup`: the host's
+        last `HostClockSynced`, then each VM's last `ClockSynced`), and again after as long
+        again as the host has waited (2, 4, 8 s...: clock-sync down costs a lookup now and then,
+        not one per step); a result of the same rollout counts as if it had been delivered."""
+        assert self.clock_lookup is not None
+        for run in runs:
+            if run.completed_at is None or run.clock_settled(now, self.clock_timeout_s):
+                continue
+            key = (run.rollout_id, run.host)
+            first = run.completed_at + timedelta(seconds=self.clock_lookup_after_s)
+            if now < self._clock_lookup_due.get(key, first):
+                continue
+            waited = (now - run.completed_at).total_seconds()
+            self._clock_lookup_due[key] = now + timedelta(seconds=max(waited, 0.1))
+            missing = [
+                vm
+                for vm in run.resumed_vms
+                if vm not in run.vm_records or run.vm_records[vm].clock_ok is None
+            ]
+            try:
+                found = await self.clock_lookup(run.rollout_id, run.host, missing)
+            except Exception as exc:  # noqa: BLE001 - the wave waits on, as it would anyway
+                log.warning("could not read the clock results of %s: %s", run.host, exc)
+                continue
+            found = {vm: clock for vm, clock in found.items() if vm in missing}
+            if found:
+                log.warning(
+                    "%s: %d clock result(s) read from the stream, %.1f s after the host "
+                    "completed (their delivery did not come)",
+                    run.host,
+                    len(found),
+                    waited,
+                )
+                await self.on_host_clock(
+                    HostClockSynced(host=run.host, rollout_id=run.rollout_id, clocks=found)
+                )
 
     async def _notice_ahead(self, rollout: Rollout, after_starts: bool = False) -> int:
         """Notice for the `notice_ahead_waves` waves after the current one (those who have none

@@ -17,6 +17,7 @@ from typing import Any
 from faststream import FastStream
 from faststream.middlewares import AckPolicy
 from faststream.nats import DeliverPolicy, PullSub
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
@@ -45,6 +46,7 @@ from shared.bus import (
     read_batch,
 )
 from shared.contracts import (
+    ClockSynced,
     Event,
     HostClockSynced,
     HostInventory,
@@ -56,7 +58,9 @@ from shared.contracts import (
     Page,
     RolloutRef,
     RolloutSubmit,
+    VMClock,
     ensure_on_subject,
+    parse_event_bytes,
 )
 from shared.logs import setup_logging
 from shared.settings import BusSettings
@@ -87,6 +91,8 @@ class PlannerSettings(BusSettings):
     """Beyond the budget, how long a started host may stay silent before it counts as failed."""
     clock_timeout_s: float = 20.0
     """How long a wave waits for clock-sync results after its hosts completed."""
+    clock_lookup_after_s: float = 2.0
+    """A host's clock results this late are read from the stream (a delivery lost on the way)."""
     inventory_stale_s: float = 60.0
     """A host whose last inventory is older than this is not planned."""
     reboot_min_notice_s: float = 15 * 60.0
@@ -96,6 +102,37 @@ class PlannerSettings(BusSettings):
     """Defers honoured per scheduled event."""
     rollout_retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     """A finished rollout (its report, per host and per VM) is kept this long, then forgotten."""
+
+
+CLOCK_LOOKUP_MAX_VMS = 64
+"""Per host and lookup, how many VMs' own `ClockSynced` are read at most."""
+
+
+async def clock_results_in_stream(
+    js: JetStreamContext, rollout_id: str, host: str, vms: list[str]
+) -> dict[str, VMClock]:
+    """The clock results of `vms` (of `host`, in rollout `rollout_id`) that the stream holds: the
+    host's last `HostClockSynced`, then, for the VMs it does not cover, each one's last
+    `ClockSynced` (at most `CLOCK_LOOKUP_MAX_VMS`). A result of another rollout, or one that
+    cannot be read, is not one."""
+    found: dict[str, VMClock] = {}
+    wanted = set(vms)
+
+    async def last(subject: str, kind: type[Event]) -> Event | None:
+        try:
+            msg = await js.get_last_msg(subjects.STREAM_NAME, subject)
+            return parse_event_bytes(msg.data or b"", (kind,), subject)
+        except (NotFoundError, ValueError):  # none stored; or not readable (`InvalidMessage`)
+            return None
+
+    host_event = await last(subjects.host_clock(host), HostClockSynced)
+    if isinstance(host_event, HostClockSynced) and host_event.rollout_id == rollout_id:
+        found.update({vm: c for vm, c in host_event.clocks.items() if vm in wanted})
+    for vm in [v for v in vms if v not in found][:CLOCK_LOOKUP_MAX_VMS]:
+        vm_event = await last(subjects.vm_clock(host, vm), ClockSynced)
+        if isinstance(vm_event, ClockSynced) and vm_event.rollout_id == rollout_id:
+            found[vm] = VMClock.of(vm_event)
+    return found
 
 
 def build_app(settings: PlannerSettings) -> FastStream:
@@ -411,6 +448,10 @@ def build_app(settings: PlannerSettings) -> FastStream:
             max_defer_s=settings.max_defer_s,
             max_defers=settings.max_defers,
             retention_s=settings.rollout_retention_s,
+            clock_lookup=lambda rollout_id, host, vms: clock_results_in_stream(
+                broker.config.connection_state.stream, rollout_id, host, vms
+            ),
+            clock_lookup_after_s=settings.clock_lookup_after_s,
         )
         await rollout_engine.load()
         state["engine"] = rollout_engine
