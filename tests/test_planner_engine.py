@@ -791,8 +791,9 @@ async def test_clock_results_whose_delivery_never_comes_are_read_from_the_stream
     """A wave waits for every resumed VM's clock result, which comes through the planner's
     consumer. When a delivery never arrives (one soak in about ten lost a `HostClockSynced`
     between the server and the handler until its 30 s ack wait), the results are read from the
-    stream once they are `clock_lookup_after_s` late: the host's last `HostClockSynced`, then
-    each VM's own `ClockSynced`; a result of another rollout is not one."""
+    stream once they are `clock_lookup_after_s` late: the host's last `HostClockSynced`, then,
+    if it covers only part of them, each missing VM's own `ClockSynced`; a result of another
+    rollout is not one."""
     nc = await connect(nats_server.url)
     js = nc.jetstream()
     await js.add_stream(name=subjects.STREAM_NAME, subjects=[subjects.EVENTS_ROOT])
@@ -869,34 +870,26 @@ async def test_clock_results_whose_delivery_never_comes_are_read_from_the_stream
         "b": (True, -51.0),
     }
 
-    # c's only result in the stream is of another rollout: not taken; its own, stored later, is.
+    # h1's host result in the stream is another rollout's: not taken, and its VM's own
+    # `ClockSynced` is not read either (a host not reported yet costs one read, not one per VM).
     await complete("h1", ["c"])
-    await store(
-        ClockSynced(
-            host="h1",
-            vm="c",
-            rollout_id="r-other",
-            ok=False,
-            method="none",
-            attempts=1,
-            error="another rollout's",
-        )
-    )
-    await fleet.tick(2.5)
-    assert engine.rollouts[rid].state == "running"
-    assert engine.hosts[(rid, "h1")].vm_records["c"].clock_ok is None
     await store(
         ClockSynced(
             host="h1",
             vm="c",
             rollout_id=rid,
             ok=True,
-            skew_before_ms=-52.0,
+            skew_before_ms=-7.0,
             skew_after_ms=0.2,
             method="host-time",
             attempts=1,
         )
     )
+    await store(HostClockSynced(host="h1", rollout_id="r-other", clocks={"c": result("c", -1.0)}))
+    await fleet.tick(2.5)
+    assert engine.rollouts[rid].state == "running"
+    assert engine.hosts[(rid, "h1")].vm_records["c"].clock_ok is None
+    await store(HostClockSynced(host="h1", rollout_id=rid, clocks={"c": result("c", -52.0)}))
     await fleet.tick(1.0)  # the next lookup waits as long again as the host has waited
     assert engine.rollouts[rid].state == "running"
     await fleet.tick(2.0)

@@ -656,9 +656,10 @@ class RolloutEngine:
         JetStream gave it again only after its 30 s ack wait) would hold the whole rollout until
         `clock_timeout_s`, though the result is in the stream. So once a host's results are
         `clock_lookup_after_s` late, they are read from the stream (`clock_lookup`: the host's
-        last `HostClockSynced`, then each VM's last `ClockSynced`), and again after as long
-        again as the host has waited (2, 4, 8 s...: clock-sync down costs a lookup now and then,
-        not one per step); a result of the same rollout counts as if it had been delivered."""
+        last `HostClockSynced`, then the missing VMs' own `ClockSynced` if that one covers only
+        part of them), and again after as long again as the host has waited (2, 4, 8 s...:
+        clock-sync down costs a read per host now and then, not one per step); a result of the
+        same rollout counts as if it had been delivered."""
         assert self.clock_lookup is not None
         for run in runs:
             if run.completed_at is None or run.clock_settled(now, self.clock_timeout_s):

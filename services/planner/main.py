@@ -112,9 +112,11 @@ async def clock_results_in_stream(
     js: JetStreamContext, rollout_id: str, host: str, vms: list[str]
 ) -> dict[str, VMClock]:
     """The clock results of `vms` (of `host`, in rollout `rollout_id`) that the stream holds: the
-    host's last `HostClockSynced`, then, for the VMs it does not cover, each one's last
-    `ClockSynced` (at most `CLOCK_LOOKUP_MAX_VMS`). A result of another rollout, or one that
-    cannot be read, is not one."""
+    host's last `HostClockSynced`, then, if it is of this rollout but does not cover them all
+    (clock-sync reported the host in parts), each remaining VM's last `ClockSynced` (at most
+    `CLOCK_LOOKUP_MAX_VMS`). A host with no result of this rollout yet costs one read, not one
+    per VM (on a loaded machine, many hosts of a wave are that late). A result of another
+    rollout, or one that cannot be read, is not one."""
     found: dict[str, VMClock] = {}
     wanted = set(vms)
 
@@ -126,8 +128,9 @@ async def clock_results_in_stream(
             return None
 
     host_event = await last(subjects.host_clock(host), HostClockSynced)
-    if isinstance(host_event, HostClockSynced) and host_event.rollout_id == rollout_id:
-        found.update({vm: c for vm, c in host_event.clocks.items() if vm in wanted})
+    if not isinstance(host_event, HostClockSynced) or host_event.rollout_id != rollout_id:
+        return found
+    found.update({vm: c for vm, c in host_event.clocks.items() if vm in wanted})
     for vm in [v for v in vms if v not in found][:CLOCK_LOOKUP_MAX_VMS]:
         vm_event = await last(subjects.vm_clock(host, vm), ClockSynced)
         if isinstance(vm_event, ClockSynced) and vm_event.rollout_id == rollout_id:
