@@ -824,10 +824,14 @@ async def test_clock_results_whose_delivery_never_comes_are_read_from_the_stream
     )
     rid = rollout.rollout_id
 
-    def result(vm_name: str, skew: float) -> VMClock:
+    def result(skew: float) -> VMClock:
         return VMClock(
             ok=True, skew_before_ms=skew, skew_after_ms=0.4, method="host-time", attempts=1
         )
+
+    def own_result(host: str, vm_name: str, skew: float) -> ClockSynced:
+        """A VM's own `ClockSynced` of this rollout."""
+        return ClockSynced(host=host, vm=vm_name, rollout_id=rid, **result(skew).model_dump())
 
     async def store(event: Event) -> None:
         """What clock-sync stores; nothing of it is handed to the engine."""
@@ -847,19 +851,8 @@ async def test_clock_results_whose_delivery_never_comes_are_read_from_the_stream
     assert started_hosts(published) == ["h0"]
     await complete("h0", ["a", "b"])
     # a's result came in the host's event, b's in its own only (its host event went elsewhere).
-    await store(HostClockSynced(host="h0", rollout_id=rid, clocks={"a": result("a", -50.0)}))
-    await store(
-        ClockSynced(
-            host="h0",
-            vm="b",
-            rollout_id=rid,
-            ok=True,
-            skew_before_ms=-51.0,
-            skew_after_ms=0.3,
-            method="host-time",
-            attempts=2,
-        )
-    )
+    await store(HostClockSynced(host="h0", rollout_id=rid, clocks={"a": result(-50.0)}))
+    await store(own_result("h0", "b", -51.0))
     await fleet.tick(1.0)
     assert started_hosts(published) == ["h0"]  # 1 s late: still waiting for the delivery
     await fleet.tick(1.5)
@@ -873,23 +866,12 @@ async def test_clock_results_whose_delivery_never_comes_are_read_from_the_stream
     # h1's host result in the stream is another rollout's: not taken, and its VM's own
     # `ClockSynced` is not read either (a host not reported yet costs one read, not one per VM).
     await complete("h1", ["c"])
-    await store(
-        ClockSynced(
-            host="h1",
-            vm="c",
-            rollout_id=rid,
-            ok=True,
-            skew_before_ms=-7.0,
-            skew_after_ms=0.2,
-            method="host-time",
-            attempts=1,
-        )
-    )
-    await store(HostClockSynced(host="h1", rollout_id="r-other", clocks={"c": result("c", -1.0)}))
+    await store(own_result("h1", "c", -7.0))
+    await store(HostClockSynced(host="h1", rollout_id="r-other", clocks={"c": result(-1.0)}))
     await fleet.tick(2.5)
     assert engine.rollouts[rid].state == "running"
     assert engine.hosts[(rid, "h1")].vm_records["c"].clock_ok is None
-    await store(HostClockSynced(host="h1", rollout_id=rid, clocks={"c": result("c", -52.0)}))
+    await store(HostClockSynced(host="h1", rollout_id=rid, clocks={"c": result(-52.0)}))
     await fleet.tick(1.0)  # the next lookup waits as long again as the host has waited
     assert engine.rollouts[rid].state == "running"
     await fleet.tick(2.0)
