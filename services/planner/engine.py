@@ -651,16 +651,18 @@ class RolloutEngine:
         """The clock results a finished wave still waits for, read from the stream.
 
         The wave waits for every resumed VM's clock result, as its host's `HostClockSynced`
-        brings it through the planner's consumer. A delivery that never reaches the planner (one
-        soak in about ten lost one `HostClockSynced` between the server and the handler, and
-        JetStream gave it again only after its 30 s ack wait) would hold the whole rollout until
-        `clock_timeout_s`, though the result is in the stream. So once a host's results are
-        `clock_lookup_after_s` late, they are read from the stream (`clock_lookup`: the host's
-        last `HostClockSynced`, then the missing VMs' own `ClockSynced` if that one covers only
-        part of them), and again after as long again as the host has waited (2, 4, 8 s...:
-        clock-sync down costs a read per host now and then, not one per step); a result of the
-        same rollout counts as if it had been delivered."""
+        brings it through the planner's consumer. A delivery that never reaches the planner (two
+        1,000-host soaks in some twenty lost one `HostClockSynced` between the server and the
+        handler, and JetStream gave it again only after its 30 s ack wait) would hold the whole
+        rollout until `clock_timeout_s`, though the result is in the stream. So once a host's
+        results are `clock_lookup_after_s` late, they are read from the stream (`clock_lookup`:
+        the host's last `HostClockSynced`, then the missing VMs' own `ClockSynced` if that one
+        covers only part of them), and again after as long again as the host has waited (2, 4,
+        8 s...: clock-sync down costs a read per host now and then, not one per step); a result
+        of the same rollout counts as if it had been delivered. The hosts due are read at once,
+        not one round trip after the other (the step holds the planner's lock)."""
         assert self.clock_lookup is not None
+        due: list[tuple[HostRun, list[str], float]] = []
         for run in runs:
             if run.completed_at is None or run.clock_settled(now, self.clock_timeout_s):
                 continue
@@ -675,12 +677,20 @@ class RolloutEngine:
                 for vm in run.resumed_vms
                 if vm not in run.vm_records or run.vm_records[vm].clock_ok is None
             ]
-            try:
-                found = await self.clock_lookup(run.rollout_id, run.host, missing)
-            except Exception as exc:  # noqa: BLE001 - the wave waits on, as it would anyway
-                log.warning("could not read the clock results of %s: %s", run.host, exc)
+            due.append((run, missing, waited))
+        if not due:
+            return
+        lookup = self.clock_lookup
+        results = await asyncio.gather(
+            *(lookup(run.rollout_id, run.host, missing) for run, missing, _ in due),
+            return_exceptions=True,
+        )
+        for (run, missing, waited), result in zip(due, results, strict=True):
+            if isinstance(result, BaseException):
+                # The wave waits on, as it would have anyway.
+                log.warning("could not read the clock results of %s: %s", run.host, result)
                 continue
-            found = {vm: clock for vm, clock in found.items() if vm in missing}
+            found = {vm: clock for vm, clock in result.items() if vm in missing}
             if found:
                 log.warning(
                     "%s: %d clock result(s) read from the stream, %.1f s after the host "
