@@ -789,7 +789,7 @@ async def test_clock_results_whose_delivery_never_comes_are_read_from_the_stream
     nats_server: NatsServer,
 ) -> None:
     """A wave waits for every resumed VM's clock result, which comes through the planner's
-    consumer. When a delivery never arrives (one soak in about ten lost a `HostClockSynced`
+    consumer. When a delivery never arrives (two soaks in some thirty lost a `HostClockSynced`
     between the server and the handler until its 30 s ack wait), the results are read from the
     stream once they are `clock_lookup_after_s` late: the host's last `HostClockSynced`, then,
     if it covers only part of them, each missing VM's own `ClockSynced`; a result of another

@@ -652,7 +652,7 @@ class RolloutEngine:
 
         The wave waits for every resumed VM's clock result, as its host's `HostClockSynced`
         brings it through the planner's consumer. A delivery that never reaches the planner (two
-        1,000-host soaks in some twenty lost one `HostClockSynced` between the server and the
+        1,000-host soaks in some thirty lost one `HostClockSynced` between the server and the
         handler, and JetStream gave it again only after its 30 s ack wait) would hold the whole
         rollout until `clock_timeout_s`, though the result is in the stream. So once a host's
         results are `clock_lookup_after_s` late, they are read from the stream (`clock_lookup`:
