@@ -672,12 +672,7 @@ class RolloutEngine:
                 continue
             waited = (now - run.completed_at).total_seconds()
             self._clock_lookup_due[key] = now + timedelta(seconds=max(waited, 0.1))
-            missing = [
-                vm
-                for vm in run.resumed_vms
-                if vm not in run.vm_records or run.vm_records[vm].clock_ok is None
-            ]
-            due.append((run, missing, waited))
+            due.append((run, run.vms_without_clock(), waited))
         if not due:
             return
         lookup = self.clock_lookup
@@ -685,13 +680,12 @@ class RolloutEngine:
             *(lookup(run.rollout_id, run.host, missing) for run, missing, _ in due),
             return_exceptions=True,
         )
-        for (run, missing, waited), result in zip(due, results, strict=True):
+        for (run, _, waited), result in zip(due, results, strict=True):
             if isinstance(result, BaseException):
                 # The wave waits on, as it would have anyway.
                 log.warning("could not read the clock results of %s: %s", run.host, result)
                 continue
-            found = {vm: clock for vm, clock in result.items() if vm in missing}
-            if found:
+            if found := result:
                 log.warning(
                     "%s: %d clock result(s) read from the stream, %.1f s after the host "
                     "completed (their delivery did not come)",

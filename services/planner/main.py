@@ -131,8 +131,9 @@ async def clock_results_in_stream(
     if not isinstance(host_event, HostClockSynced) or host_event.rollout_id != rollout_id:
         return found
     found.update({vm: c for vm, c in host_event.clocks.items() if vm in wanted})
-    for vm in [v for v in vms if v not in found][:CLOCK_LOOKUP_MAX_VMS]:
-        vm_event = await last(subjects.vm_clock(host, vm), ClockSynced)
+    rest = [v for v in vms if v not in found][:CLOCK_LOOKUP_MAX_VMS]
+    own = await asyncio.gather(*(last(subjects.vm_clock(host, vm), ClockSynced) for vm in rest))
+    for vm, vm_event in zip(rest, own, strict=True):
         if isinstance(vm_event, ClockSynced) and vm_event.rollout_id == rollout_id:
             found[vm] = VMClock.of(vm_event)
     return found

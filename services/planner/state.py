@@ -92,11 +92,16 @@ class HostRun(BaseModel):
             return True
         if (now - self.completed_at).total_seconds() >= clock_timeout_s:
             return True
-        # The VMs the agent reports resumed, whatever order their own events arrive in.
-        return all(
-            vm in self.vm_records and self.vm_records[vm].clock_ok is not None
+        return not self.vms_without_clock()
+
+    def vms_without_clock(self) -> list[str]:
+        """The VMs the agent reports resumed that have no clock result yet, whatever order their
+        own events arrive in."""
+        return [
+            vm
             for vm in self.resumed_vms
-        )
+            if vm not in self.vm_records or self.vm_records[vm].clock_ok is None
+        ]
 
 
 class Rollout(BaseModel):
