@@ -91,6 +91,8 @@ class Fleet:
                 vms=vms or [],
             )
         )
+        # As the planner does once it lets go of its lock, before acknowledging the event.
+        await self.engine.store.flush()
 
     async def tick(self, seconds: float = 1.0) -> None:
         self.clock.now += timedelta(seconds=seconds)
