@@ -880,3 +880,55 @@ async def test_clock_results_whose_delivery_never_comes_are_read_from_the_stream
     assert engine.rollouts[rid].state == "completed"
     assert engine.hosts[(rid, "h1")].vm_records["c"].skew_before_ms == -52.0
     await nc.close()
+
+
+async def test_an_aborted_waves_clock_lookups_are_dropped(nats_server: NatsServer) -> None:
+    """A wave whose clock results are late is read from the stream now and then; once its
+    rollout is aborted nothing waits for them: neither a lookup nor its schedule is kept."""
+    nc = await connect(nats_server.url)
+    kv = await nc.jetstream().create_key_value(bucket="rollouts_dropped", history=1)
+    published: list[Event] = []
+    looked_up: list[str] = []
+
+    async def publish(event: Event) -> None:
+        published.append(event)
+
+    async def nothing_stored(rollout_id: str, host: str, vms: list[str]) -> dict[str, VMClock]:
+        looked_up.append(host)
+        return {}
+
+    clock = Clock()
+    engine = RolloutEngine(
+        RolloutStore(kv, nc.jetstream(), "rollouts_dropped"),
+        publish,
+        TracerProvider().get_tracer("t"),
+        now=clock,
+        clock_lookup=nothing_stored,
+        clock_lookup_after_s=2.0,
+    )
+    fleet = Fleet(engine, published, clock)
+    fleet.report("h0", [vm("a", None, None)])
+    fleet.report("h1", [vm("b", None, None)])
+    rollout = await engine.submit(
+        RolloutSubmit(
+            update_id="u", patch=PatchSpec(duration_s=0), notice_s=0, max_hosts_in_flight=1
+        )
+    )
+    await fleet.tick(0)
+    await fleet.tick(0)
+    [started] = [e for e in published if isinstance(e, MaintenanceStarted)]
+    now = clock.now
+    await fleet.complete(
+        started,
+        vms=[
+            VMWindowOutcome(vm="a", outcome="resumed", paused_ms=5.0, paused_at=now, resumed_at=now)
+        ],
+    )
+    await fleet.tick(2.5)
+    assert looked_up == ["h0"]
+    await engine.abort(rollout.rollout_id, "test")
+    assert not [k for k in engine._clock_lookup_due if k[0] == rollout.rollout_id]
+    await fleet.tick(10.0)
+    assert looked_up == ["h0"]
+    assert engine.rollouts[rollout.rollout_id].state == "aborted"
+    await nc.close()

@@ -331,6 +331,7 @@ class RolloutEngine:
                 await self._cancel(run, why)
         rollout.state, rollout.reason = "aborted", why
         rollout.finished_at = self.now()
+        self._drop_clock_lookups(rollout_id)
         rollout.note(why)
         await self.store.save_rollout(rollout)
         await self._status(rollout)
@@ -511,6 +512,8 @@ class RolloutEngine:
 
     async def _halt(self, rollout: Rollout, reason: str) -> None:
         rollout.state, rollout.reason = "halted", reason
+        # A halted wave is not waited for: its lookups start again if it resumes.
+        self._drop_clock_lookups(rollout.rollout_id)
         rollout.note(reason)
         log.warning("rollout %s halted: %s", rollout.rollout_id, reason)
         await self.store.save_rollout(rollout)
@@ -557,6 +560,7 @@ class RolloutEngine:
             await self.store.forget(rid)  # kept in memory too until it is gone from the store
             for host in self._runs.pop(rid, {}):
                 del self.hosts[(rid, host)]
+            self._drop_clock_lookups(rid)
             del self.rollouts[rid]
             self._last_status.pop(rid, None)
             self._status_at.pop(rid, None)
@@ -703,6 +707,12 @@ class RolloutEngine:
                 await self.on_host_clock(
                     HostClockSynced(host=run.host, rollout_id=run.rollout_id, clocks=found)
                 )
+
+    def _drop_clock_lookups(self, rollout_id: str) -> None:
+        """Forget when the clock results of `rollout_id`'s hosts are due to be read: its wave is
+        no longer waited for (aborted, halted, forgotten)."""
+        for key in [k for k in self._clock_lookup_due if k[0] == rollout_id]:
+            del self._clock_lookup_due[key]
 
     async def _notice_ahead(self, rollout: Rollout, after_starts: bool = False) -> int:
         """Notice for the `notice_ahead_waves` waves after the current one (those who have none
