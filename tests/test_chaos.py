@@ -30,7 +30,7 @@ from shared.contracts import (
     VMPaused,
     VMResumed,
 )
-from shared.devstack import LocalStack, NatsCluster
+from shared.devstack import LocalStack, NatsCluster, NatsServer
 from tests.support.fleet import (
     VM_IP_BASE,
     ready,
@@ -375,6 +375,34 @@ async def test_streams_and_buckets_are_declared_once_the_cluster_can_place_them(
         await nc.close()
     finally:
         cluster.stop()
+
+
+async def test_a_server_whose_picked_port_was_taken_meanwhile_starts_on_another(
+    workdir: Path,
+) -> None:
+    # Free when picked, taken when the server binds it (seen once in CI, beside other tests'
+    # connections): the first start moves to new ports; a restart keeps its port.
+    server = NatsServer(workdir)
+    taken = server.port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        server.start()
+    try:
+        assert server.port != taken
+        nc = await connect(server.url)
+        assert (await nc.jetstream().account_info()).streams == 0
+        await nc.close()
+        port = server.port
+        server.stop()
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", port))
+            squatter.listen()
+            with pytest.raises(RuntimeError, match="address already in use"):
+                server.start()
+        assert server.port == port
+    finally:
+        server.stop()
 
 
 async def test_a_cluster_is_ready_only_when_every_node_joined_and_a_taken_port_is_replaced(
