@@ -268,6 +268,10 @@ long a pull request that the server dropped while the client stayed connected ca
 (one lost with a restarted server is made again on reconnect: `_fetch_asking_again`)."""
 
 
+FETCH_ERROR_PAUSE_S = 0.5
+"""After a fetch failed in a way the loop does not expect, it asks again this much later."""
+
+
 BATCH_GAP_S = 0.005
 """How long a batch being gathered waits for one more message once the stream has none: a
 batch is handed over this long after its last message, not at the end of its window."""
@@ -322,6 +326,19 @@ async def _consume_batches(self: BatchPullStreamSubscriber) -> None:
             # Unprocessed messages stay unacknowledged for the server to redeliver; a closed
             # connection or a JetStream not ready is not asked again at once, in a loop.
             await asyncio.sleep(0.1)
+            continue
+        except Exception as exc:  # noqa: BLE001 - the loop outlives any one fetch
+            # FastStream's loop (and this one before) ended on any other error, silently: the
+            # consumer was never asked again and the service ran on without it. What was
+            # fetched and not handled is redelivered after the consumer's ack wait.
+            log.error(
+                "fetching from %s failed (%s: %s); asking again in %.1f s",
+                getattr(subscription, "_consumer", "a consumer"),
+                type(exc).__name__,
+                exc,
+                FETCH_ERROR_PAUSE_S,
+            )
+            await asyncio.sleep(FETCH_ERROR_PAUSE_S)
             continue
         if messages and self.running:
             await self.consume(messages)  # type: ignore[arg-type]

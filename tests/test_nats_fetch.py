@@ -20,6 +20,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.client import JetStreamContext
 
 from shared import bus, subjects
 from shared.devstack import NatsCluster, NatsServer
@@ -132,6 +133,53 @@ async def test_an_idle_batch_subscriber_asks_rarely_and_a_message_ends_its_wait(
         await asyncio.wait_for(handled.wait(), bus.IDLE_POLL_S / 2)
         assert loop.time() - sent < bus.IDLE_POLL_S / 2
         assert sum(batches) == 30 and len(batches) <= 10, batches
+    finally:
+        await broker.stop()
+
+
+async def test_a_batch_subscriber_outlives_a_fetch_that_fails_unexpectedly(
+    nats_server: NatsServer,
+    nc: Client,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A fetch can raise what the loop does not expect (nats-py raises `APIError` for a status
+    # it does not take for a temporary one). FastStream's loop, and this one before, ended
+    # then, silently: the consumer was never asked again while the service ran on.
+    monkeypatch.setattr(bus, "FETCH_ERROR_PAUSE_S", 0.05, raising=False)
+    fetch = JetStreamContext.PullSubscription.fetch
+    failed: list[str] = []
+
+    async def fails_once(self: Any, *args: Any, **kwargs: Any) -> list[Msg]:
+        if self._consumer == "outlives" and not failed:
+            failed.append(self._consumer)
+            raise nats.js.errors.APIError(code=400, description="injected")
+        return await fetch(self, *args, **kwargs)
+
+    monkeypatch.setattr(JetStreamContext.PullSubscription, "fetch", fails_once)
+    handled: list[Any] = []
+    all_there = asyncio.Event()
+    broker = NatsBroker(nats_server.url)
+
+    @broker.subscriber(
+        subjects.vm_resumed(),
+        stream=JStream(subjects.STREAM_NAME, declare=False),
+        durable="outlives",
+        pull_sub=PullSub(batch_size=256, timeout=0.05, batch=True),
+    )
+    async def on_batch(body: list[Any]) -> None:
+        handled.extend(body)
+        if len(handled) == 5:
+            all_there.set()
+
+    await broker.start()
+    try:
+        js = nc.jetstream()
+        for i in range(5):
+            await js.publish(subjects.vm_resumed("h1", f"vm{i}"), b"{}")
+        await asyncio.wait_for(all_there.wait(), 10)
+        assert failed == ["outlives"]
+        assert "fetching from outlives failed (APIError" in caplog.text
     finally:
         await broker.stop()
 
