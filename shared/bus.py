@@ -328,8 +328,9 @@ async def _consume_batches(self: BatchPullStreamSubscriber) -> None:
             await asyncio.sleep(0.1)
             continue
         except Exception as exc:  # noqa: BLE001 - the loop outlives any one fetch
-            # FastStream's loop (and this one before) ended on any other error, silently: the
-            # consumer was never asked again and the service ran on without it. What was
+            # Any other error: said with the consumer's name each time, and asked again after a
+            # pause (FastStream's task supervisor would restart the loop at once, in a tight
+            # loop for an error that persists, and log only the first of each kind). What was
             # fetched and not handled is redelivered after the consumer's ack wait.
             log.error(
                 "fetching from %s failed (%s: %s); asking again in %.1f s",

@@ -144,8 +144,9 @@ async def test_a_batch_subscriber_outlives_a_fetch_that_fails_unexpectedly(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # A fetch can raise what the loop does not expect (nats-py raises `APIError` for a status
-    # it does not take for a temporary one). FastStream's loop, and this one before, ended
-    # then, silently: the consumer was never asked again while the service ran on.
+    # it does not take for a temporary one). The loop goes on after a pause, and says which
+    # consumer failed and how each time (FastStream's task supervisor would restart it at once,
+    # in a tight loop for an error that persists, and log the first of each kind only).
     monkeypatch.setattr(bus, "FETCH_ERROR_PAUSE_S", 0.05, raising=False)
     fetch = JetStreamContext.PullSubscription.fetch
     failed: list[str] = []
