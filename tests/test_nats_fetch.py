@@ -8,7 +8,7 @@ import argparse
 import asyncio
 import importlib
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -35,6 +35,18 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
     await js.add_stream(name=subjects.STREAM_NAME, subjects=[subjects.EVENTS_ROOT])
     yield client
     await client.close()
+
+
+def batch_subscriber(
+    broker: NatsBroker, durable: str, window_s: float = 0.05
+) -> Callable[[Callable[[list[Any]], Awaitable[None]]], Any]:
+    """A batch pull subscriber of the resumes, as the services make theirs."""
+    return broker.subscriber(  # type: ignore[no-any-return]
+        subjects.vm_resumed(),
+        stream=JStream(subjects.STREAM_NAME, declare=False),
+        durable=durable,
+        pull_sub=PullSub(batch_size=256, timeout=window_s, batch=True),
+    )
 
 
 def test_the_services_next_msg_is_installed() -> None:
@@ -107,12 +119,7 @@ async def test_an_idle_batch_subscriber_asks_rarely_and_a_message_ends_its_wait(
     handled = asyncio.Event()
     broker = NatsBroker(nats_server.url)
 
-    @broker.subscriber(
-        subjects.vm_resumed(),
-        stream=JStream(subjects.STREAM_NAME, declare=False),
-        durable="idle",
-        pull_sub=PullSub(batch_size=256, timeout=0.05, batch=True),
-    )
+    @batch_subscriber(broker, "idle")
     async def on_batch(body: list[Any]) -> None:
         batches.append(len(body))
         if sum(batches) == 30:
@@ -162,12 +169,7 @@ async def test_a_batch_subscriber_outlives_a_fetch_that_fails_unexpectedly(
     all_there = asyncio.Event()
     broker = NatsBroker(nats_server.url)
 
-    @broker.subscriber(
-        subjects.vm_resumed(),
-        stream=JStream(subjects.STREAM_NAME, declare=False),
-        durable="outlives",
-        pull_sub=PullSub(batch_size=256, timeout=0.05, batch=True),
-    )
+    @batch_subscriber(broker, "outlives")
     async def on_batch(body: list[Any]) -> None:
         handled.extend(body)
         if len(handled) == 5:
@@ -194,12 +196,7 @@ async def test_a_batch_is_handed_over_at_the_end_of_its_burst_and_fills_under_lo
     broker = NatsBroker(nats_server.url)
     window_s = 3.0  # a long gathering window: a burst handed over well before it ends
 
-    @broker.subscriber(
-        subjects.vm_resumed(),
-        stream=JStream(subjects.STREAM_NAME, declare=False),
-        durable="bursts",
-        pull_sub=PullSub(batch_size=256, timeout=window_s, batch=True),
-    )
+    @batch_subscriber(broker, "bursts", window_s)
     async def on_batch(body: list[Any]) -> None:
         batches.append(len(body))
         if sum(batches) >= wanted["count"]:
