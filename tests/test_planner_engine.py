@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from services.planner.engine import REPLY_MAX_BYTES, RequestError, RolloutEngine, fit_reply
 from services.planner.main import clock_results_in_stream
-from services.planner.state import HostRun, RolloutStore
+from services.planner.state import RolloutStore
 from services.planner.waves import WavePlan, check_plan
 from shared import subjects
 from shared.bus import read_bucket
@@ -932,36 +932,3 @@ async def test_an_aborted_waves_clock_lookups_are_dropped(nats_server: NatsServe
     assert looked_up == ["h0"]
     assert engine.rollouts[rollout.rollout_id].state == "aborted"
     await nc.close()
-
-
-async def test_a_record_marked_before_a_write_under_way_is_waited_for(
-    nats_server: NatsServer,
-) -> None:
-    """A completion marks its host's record and is acknowledged once `flush` returns. A flush
-    already under way may have taken that record (no longer marked, not stored yet): `flush`
-    returns only once that write is done too, or the event would be acknowledged before its
-    change is stored."""
-    nc = await connect(nats_server.url)
-    try:
-        kv = await nc.jetstream().create_key_value(bucket="rollouts_inflight", history=1)
-        store = RolloutStore(kv, nc.jetstream(), "rollouts_inflight")
-        run = HostRun(rollout_id="r1", host="h0", wave=0, state="done")
-        store.mark_host(run)
-        under_way = asyncio.ensure_future(store.flush())
-        while store._dirty:  # the flush under way takes the record
-            await asyncio.sleep(0)
-        assert not under_way.done()
-        await store.flush()
-        assert under_way.done()
-        entry = await kv.get(RolloutStore.host_key("r1", "h0"))
-        assert entry.value is not None and '"state":"done"' in entry.value.decode()
-        # Nothing marked and nothing under way: an acknowledgement goes at once.
-        acked = asyncio.Event()
-
-        async def ack() -> None:
-            acked.set()
-
-        store.after_flush(ack)
-        await asyncio.wait_for(acked.wait(), 5)
-    finally:
-        await nc.close()

@@ -180,9 +180,6 @@ class RolloutStore:
         self._revisions: dict[str, int] = {}
         self._dirty: dict[str, BaseModel] = {}
         self._pending: asyncio.Future[None] | None = None
-        """The next flush: it takes what is marked when it gets the lock."""
-        self._writing: asyncio.Future[None] | None = None
-        """The flush writing now (what it took is no longer marked, and not stored yet)."""
         self._lock = asyncio.Lock()
         self._unacked: dict[str, list[bytes]] = {}
         self._after: list[Callable[[], Awaitable[None]]] = []
@@ -214,7 +211,7 @@ class RolloutStore:
 
     def after_flush(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run `callback` (an acknowledgement) once what is marked now is stored."""
-        if not self._dirty and self._pending is None and self._writing is None:
+        if not self._dirty and self._pending is None:
             self._spawn(callback())
             return
         self._after.append(callback)
@@ -242,27 +239,21 @@ class RolloutStore:
         task.add_done_callback(self._tasks.discard)
 
     async def flush(self) -> None:
-        """Write what is marked, and wait until it is stored: a record marked earlier may be in
-        the flush writing now (taken by it, not stored yet), so that one is waited for too."""
-        if self._dirty and self._pending is None:
+        """Write what is marked (waiting for the flush already under way, if any)."""
+        if not self._dirty and self._pending is None:
+            return
+        if self._pending is None:
             self._pending = asyncio.ensure_future(self._flush())
-        waiting = self._pending or self._writing
-        if waiting is not None:
-            await asyncio.shield(waiting)
+        await asyncio.shield(self._pending)
 
     async def _flush(self) -> None:
         async with self._lock:
             await asyncio.sleep(0)  # what concurrent handlers mark in this turn joins the batch
-            self._pending, self._writing = None, asyncio.current_task()
+            self._pending = None
             batch, self._dirty = self._dirty, {}
-            try:
-                results = await asyncio.gather(
-                    *(self._write(key, value) for key, value in batch.items()),
-                    return_exceptions=True,
-                )
-            finally:
-                if self._writing is asyncio.current_task():
-                    self._writing = None
+            results = await asyncio.gather(
+                *(self._write(key, value) for key, value in batch.items()), return_exceptions=True
+            )
         failed = [(k, r) for k, r in zip(batch, results, strict=True) if isinstance(r, Exception)]
         for key, _ in failed:
             self._dirty.setdefault(key, batch[key])  # written again by the next flush
