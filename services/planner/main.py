@@ -393,9 +393,6 @@ def build_app(settings: PlannerSettings) -> FastStream:
     )
 
     async def ticker() -> None:
-        # The ticker's own write of what is left marked, under way while it waits again; what
-        # it raised (another planner wrote our records) is raised at the next step.
-        writing: asyncio.Future[None] | None = None
         while True:
             due = engine().seconds_until_due()
             try:
@@ -407,15 +404,11 @@ def build_app(settings: PlannerSettings) -> FastStream:
                 pass
             wake.clear()
             try:
-                if writing is not None and writing.done():
-                    done, writing = writing, None
-                    done.result()
                 async with lock:
                     await engine().advance(flush=False)
-                # Anything left marked (a failed write) is written again, not waited for here,
-                # where a result coming meanwhile would wait for it.
-                if writing is None:
-                    writing = asyncio.ensure_future(engine().store.flush())
+                # Anything left marked (a failed write) is written again soon: not waited for
+                # here, where a result coming meanwhile would wait for it.
+                engine().store.write_soon()
             except LeadershipLost as exc:
                 log.error("stopping: %s (another planner is active)", exc)
                 app.exit()
