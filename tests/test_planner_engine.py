@@ -91,8 +91,6 @@ class Fleet:
                 vms=vms or [],
             )
         )
-        # As the planner does once it lets go of its lock, before acknowledging the event.
-        await self.engine.store.flush()
 
     async def tick(self, seconds: float = 1.0) -> None:
         self.clock.now += timedelta(seconds=seconds)

@@ -482,9 +482,7 @@ class RolloutEngine:
             record.forced = outcome.forced
             record.resumed_ok = outcome.outcome == "resumed"
         run.state = "done" if event.ok else "failed"
-        # Marked, not written here: the caller writes it (with every completion marked
-        # meanwhile) once it lets go of the planner's lock, and acknowledges the event after.
-        self.store.mark_host(run)
+        await self.store.save_host(run)
         if event.ok:
             # The host's record says it all; the rollout's (its whole plan) is not written again
             # per host: this line joins the next write of it (the wave's end at the latest).
@@ -521,18 +519,13 @@ class RolloutEngine:
 
     # ------------------------------------------------------------ the clock
 
-    async def advance(self, flush: bool = True) -> None:
-        """Move every running rollout forward: notice, start, time out, next wave (`flush`:
-        then write what is still marked; the planner's ticker does it once it lets go of its
-        lock)."""
+    async def advance(self) -> None:
+        """Move every running rollout forward: notice, start, time out, next wave."""
+        await self.store.flush()  # anything a failed write left marked
         for rollout in list(self.rollouts.values()):
             if rollout.state in ("running", "halted"):
                 with log_context(rollout=rollout.rollout_id):
                     await self._advance(rollout)
-        # What is marked and not written yet (a failed write, records gathering) after, not
-        # before: a wave whose last result just came starts the next one first.
-        if flush:
-            await self.store.flush()
         await self._statuses_due()
         now = self.now()
         if self._next_prune is None or now >= self._next_prune:

@@ -155,14 +155,10 @@ def build_app(settings: PlannerSettings) -> FastStream:
 
     async def apply(handler: Callable[[RolloutEngine], Awaitable[None]]) -> None:
         # What moves a rollout (completions, approvals) is serialized with the ticker and the
-        # commands; per-VM records (`apply_batch`) touch one host's record only. What the
-        # handler marked is written once the lock is free, and the event is acknowledged (the
-        # handler returns) after: a wave's completions share their writes, where each used to
-        # hold the lock for a round trip of its own, and the ticker waited behind them.
+        # commands; per-VM records (`apply_batch`) touch one host's record only.
         async with lock:
             await handler(engine())
         wake.set()
-        await engine().store.flush()
 
     def reply_limit() -> int:
         """What one answer may hold: the server's maximum message, less room for headers."""
@@ -396,19 +392,13 @@ def build_app(settings: PlannerSettings) -> FastStream:
         while True:
             due = engine().seconds_until_due()
             try:
-                # (`asyncio.timeout`, not `wait_for`: no task of its own to go through first,
-                # one turn of a busy event loop sooner.)
-                async with asyncio.timeout(min(settings.tick_s, due)):
-                    await wake.wait()
+                await asyncio.wait_for(wake.wait(), min(settings.tick_s, due))
             except TimeoutError:
                 pass
             wake.clear()
             try:
                 async with lock:
-                    await engine().advance(flush=False)
-                # Anything left marked (a failed write) is written again soon: not waited for
-                # here, where a result coming meanwhile would wait for it.
-                engine().store.write_soon()
+                    await engine().advance()
             except LeadershipLost as exc:
                 log.error("stopping: %s (another planner is active)", exc)
                 app.exit()

@@ -217,11 +217,6 @@ class RolloutStore:
         self._after.append(callback)
         self._flush_soon()
 
-    def write_soon(self) -> None:
-        """Have what is marked written by the next flush (soon), without waiting."""
-        if self._dirty:
-            self._flush_soon()
-
     def _flush_soon(self) -> None:
         if self._soon is None:
             self._soon = asyncio.get_running_loop().call_later(
