@@ -689,16 +689,16 @@ class RolloutEngine:
                 # The wave waits on, as it would have anyway.
                 log.warning("could not read the clock results of %s: %s", run.host, result)
                 continue
-            if found := result:
+            if result:
                 log.warning(
                     "%s: %d clock result(s) read from the stream, %.1f s after the host "
                     "completed (their delivery did not come)",
                     run.host,
-                    len(found),
+                    len(result),
                     waited,
                 )
                 await self.on_host_clock(
-                    HostClockSynced(host=run.host, rollout_id=run.rollout_id, clocks=found)
+                    HostClockSynced(host=run.host, rollout_id=run.rollout_id, clocks=result)
                 )
 
     def _drop_clock_lookups(self, rollout_id: str) -> None:
