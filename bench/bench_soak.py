@@ -256,6 +256,48 @@ async def wait_hosts_known(
     )
 
 
+async def consumer_states(url: str) -> dict[str, Any]:
+    """What each durable consumer of the PAUSEPATCH stream holds at the end of the run: events
+    not yet delivered (`pending`), delivered and not acknowledged (`ack_pending`), delivered
+    more than once (`redelivered`), and pull requests waiting (`waiting`: a consumer whose
+    service still asks for more). The agents' per-host consumers are summed. Each should be 0
+    but `waiting`; anything else is an event a service has not handled."""
+    nc = await connect(url)
+    try:
+        js = nc.jetstream(timeout=30)
+        states: dict[str, Any] = {}
+        agents = {"consumers": 0, "pending": 0, "ack_pending": 0, "redelivered": 0}
+        infos: list[Any] = []
+        while page := await js.consumers_info("PAUSEPATCH", offset=len(infos)):
+            infos += page
+        for info in infos:
+            name = info.name or ""
+            state = {
+                "pending": info.num_pending or 0,
+                "ack_pending": info.num_ack_pending or 0,
+                "redelivered": info.num_redelivered or 0,
+                "waiting": info.num_waiting or 0,
+            }
+            if name.startswith("host-agent-"):
+                agents["consumers"] += 1
+                for key in ("pending", "ack_pending", "redelivered"):
+                    agents[key] += state[key]
+            elif info.config.durable_name:
+                states[name] = state
+        return {**dict(sorted(states.items())), "host-agents": agents}
+    finally:
+        await nc.close()
+
+
+def unhandled(consumers: dict[str, Any]) -> dict[str, Any]:
+    """The consumers of `consumer_states` left with events not handled."""
+    return {
+        name: state
+        for name, state in consumers.items()
+        if state.get("pending") or state.get("ack_pending")
+    }
+
+
 async def read_stream(url: str) -> list[tuple[str, dict[str, Any]]]:
     """Every event of the run, straight from the stream."""
     nc = await connect(url)
@@ -350,7 +392,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 name: context_switches(pid) - switches_before[name] for name, pid in pids.items()
             }
             await asyncio.sleep(3)  # the last clock results
+            stopped = {p.name: p.log_tail(15) for p in stack.services.values() if not p.running}
             memory = {name: round(peak_rss_mb(p), 1) for name, p in stack.services.items()}
+            consumers = await consumer_states(stack.nats_url)
             await nc.close()
             events = await read_stream(stack.nats_url)
             if args.dump_events:
@@ -448,6 +492,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "memory_peak_mb": memory,
         "machine_speed": speed,
         "messages_lost": lost,
+        # Every service process still running at the end (a stopped one: its last log lines).
+        "services_stopped": stopped,
+        "consumers_at_end": consumers,
+        "consumers_unhandled": unhandled(consumers),
     }
 
 
@@ -786,6 +834,13 @@ def verdicts(result: dict[str, Any]) -> list[str]:
             f"{agents:.1f} of them, the control plane and nats-server {total - agents:.1f}"
         )
     lines.append(f"messages lost: {result.get('messages_lost')}")
+    stopped = result.get("services_stopped")
+    if stopped:
+        lines.append(f"STOPPED during the run: {', '.join(stopped)}")
+        lines += [f"--- {name} ---\n{tail}" for name, tail in stopped.items()]
+    left = result.get("consumers_unhandled")
+    if left:
+        lines.append(f"events NOT handled at the end (consumer: state): {left}")
     return lines
 
 

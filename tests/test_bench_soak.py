@@ -12,8 +12,10 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from nats.js.api import ConsumerConfig
 
-from shared.devstack import SimVM, sim_node_xml
+from shared.client import connect
+from shared.devstack import NatsServer, SimVM, sim_node_xml
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_soak.py"
 
@@ -176,3 +178,59 @@ def test_the_printout_folds_the_agents_and_says_whether_each_target_is_met(
     assert verdicts[3] == "messages lost: 0"
     result["overhead_vs_min"] = 0.2
     assert "NOT met" in soak.printable(result).splitlines()[-4]
+
+
+async def test_consumers_left_with_events_are_named_at_the_end(
+    soak: ModuleType, nats_server: NatsServer
+) -> None:
+    # A real server: one service consumer with an event delivered and not acknowledged and
+    # one not delivered yet, another with everything acknowledged, and more per-host consumers
+    # than one page of the server's consumer list (256), summed.
+    nc = await connect(nats_server.url)
+    try:
+        js = nc.jetstream(timeout=30)
+        await js.add_stream(name="PAUSEPATCH", subjects=["pp.evt.>"], storage="memory")
+        for n in range(2):
+            await js.publish(f"pp.evt.vm.h{n}.vm0.resumed", b"{}")
+        late = await js.pull_subscribe("pp.evt.vm.*.*.resumed", durable="clock-sync-resumed")
+        (taken,) = await late.fetch(1, timeout=5)  # delivered, never acknowledged
+        done = await js.pull_subscribe("pp.evt.vm.*.*.resumed", durable="planner-host-clock")
+        for msg in await done.fetch(2, timeout=5):
+            await msg.ack_sync()
+        for n in range(260):
+            await js.add_consumer(
+                "PAUSEPATCH",
+                ConsumerConfig(durable_name=f"host-agent-h{n}-started", filter_subject="pp.evt.x"),
+            )
+        states = await soak.consumer_states(nats_server.url)
+    finally:
+        await nc.close()
+    assert taken.subject == "pp.evt.vm.h0.vm0.resumed"
+    assert states["clock-sync-resumed"] == {
+        "pending": 1,
+        "ack_pending": 1,
+        "redelivered": 0,
+        "waiting": 0,
+    }
+    assert states["planner-host-clock"]["pending"] == 0
+    assert states["planner-host-clock"]["ack_pending"] == 0
+    assert states["host-agents"] == {
+        "consumers": 260,
+        "pending": 0,
+        "ack_pending": 0,
+        "redelivered": 0,
+    }
+    assert soak.unhandled(states) == {"clock-sync-resumed": states["clock-sync-resumed"]}
+    result = {"messages_lost": 0, "consumers_unhandled": soak.unhandled(states)}
+    assert soak.verdicts(result)[-1].startswith(
+        "events NOT handled at the end (consumer: state): {'clock-sync-resumed'"
+    )
+
+
+def test_a_service_stopped_during_the_run_is_said_with_its_last_lines(soak: ModuleType) -> None:
+    result = {"messages_lost": 0, "services_stopped": {"clock-sync": "Traceback\nTimeoutError"}}
+    assert soak.verdicts(result)[-2:] == [
+        "STOPPED during the run: clock-sync",
+        "--- clock-sync ---\nTraceback\nTimeoutError",
+    ]
+    assert soak.verdicts({"messages_lost": 0, "services_stopped": {}}) == ["messages lost: 0"]
