@@ -11,8 +11,9 @@ Reports the total time against that baseline, against the schedule's theoretical
 the schedule as run (with `--notice-ahead-waves`, the request field, a wave's notice runs while
 earlier waves are patched), events per second through the bus, the pause overhead under that
 load (median, p99) against the direct loop's, each service's peak memory, and messages lost:
-every VM must have its five events (planned, paused, patched, resumed, clock). Prints a table,
-writes bench/results/soak.json.
+every VM must have its five events (planned, paused, patched, resumed, clock); and, to say where
+a run stalled, each durable consumer's state at the end and any service that stopped during the
+run. Prints a table, writes bench/results/soak.json.
 
 Usage: .venv/bin/python bench/bench_soak.py [--hosts 1000] [--vms 20] [--agents 100] [--cluster]
 
