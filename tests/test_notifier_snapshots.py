@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import uuid
 from collections.abc import Awaitable, Callable
@@ -290,4 +291,35 @@ async def test_a_manifest_write_of_unknown_outcome_leaves_no_parts_after_the_nex
     assert await store.save(noisy(3, 9_000))
     assert (await SnapshotStore(kv).load() or {})["seq"] == 3
     assert await part_keys(kv) == set((await stored_manifest(kv)).part_keys())
+    await nc.close()
+
+
+async def test_a_stopped_writers_parts_are_purged_once_left_long_enough(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Parts written by a replica killed before its manifest are named by no manifest, and
+    nobody's to purge: a store sweeps them after a write, once unwritten for `orphan_age_s`;
+    parts written more recently (maybe a live replica's write under way) are left."""
+    caplog.set_level(logging.INFO, logger="services.notifier.snapshots")
+    nc, kv = await bucket(nats_server, "pp_notifier_orphans")
+    first = SnapshotStore(kv, part_size=4096)
+    assert await first.save(noisy(1, 9_000))
+    stopped = {f"{PARTS}.stoppedwriter-0.{i}" for i in range(3)}
+    for key in sorted(stopped):
+        await kv.put(key, os.urandom(4096))
+    await asyncio.sleep(1.2)  # the stopped writer's parts age past the sweeper's 1 s
+    writing = f"{PARTS}.livewriter-1.0"
+    await kv.put(writing, os.urandom(4096))
+
+    sweeper = SnapshotStore(kv, part_size=4096, orphan_age_s=1.0)
+    assert await sweeper.save(noisy(2, 9_000))
+    assert await part_keys(kv) == set((await stored_manifest(kv)).part_keys()) | {writing}
+    assert "purged 3 snapshot part(s) that no manifest names, of 1 stopped writer(s)" in caplog.text
+    assert (await SnapshotStore(kv).load() or {})["seq"] == 2
+
+    # Left unwritten as long, the other writer's part goes too; the stored snapshot's stay.
+    await asyncio.sleep(1.2)
+    assert await sweeper.sweep() == [writing]
+    assert await part_keys(kv) == set((await stored_manifest(kv)).part_keys())
+    assert (await SnapshotStore(kv).load() or {})["seq"] == 2
     await nc.close()

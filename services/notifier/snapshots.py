@@ -24,6 +24,11 @@ grow with restarts, not with writes. A token per write would leave as many marke
 every write, for good: nats-server 2.9 has no per-message TTL, and the notifier may not purge
 the bucket's stream. The bucket has no `max_bytes` either; one would need room for the stored
 snapshot and for one being written by each replica.
+
+A writer stopped between its parts and its manifest (a replica killed) leaves parts that no
+manifest names and that no one else would purge: each store sweeps them, after a write and at
+most once per `ORPHAN_AGE_S`, once they have been left unwritten that long (a write takes
+seconds; a snapshot being written by a live replica is never that old).
 """
 
 from __future__ import annotations
@@ -37,10 +42,13 @@ import time
 import uuid
 import zlib
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nats.aio.client import DEFAULT_MAX_PAYLOAD_SIZE
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+from shared.bus import read_bucket
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +61,8 @@ LOAD_ATTEMPTS = 3
 """Reads of the manifest before parts that are missing or do not match make the snapshot
 unreadable: another replica may replace the manifest and purge its parts under a reader."""
 TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+ORPHAN_AGE_S = 600.0
+"""Parts no manifest names, unwritten for this long, are a stopped writer's: purged."""
 
 
 def encode(snapshot: dict[str, Any]) -> bytes:
@@ -179,9 +189,14 @@ class SnapshotStore:
     `part_size` bytes when it needs more than one (by default, what one message carries).
     One save at a time per store: its parts' generations assume it."""
 
-    def __init__(self, kv: Any, part_size: int | None = None) -> None:
+    def __init__(
+        self, kv: Any, part_size: int | None = None, orphan_age_s: float = ORPHAN_AGE_S
+    ) -> None:
         self.kv = kv
         self.part_size = part_size
+        self.orphan_age_s = orphan_age_s
+        self.swept_at: float | None = None
+        """When this store last swept stopped writers' parts (`sweep`; monotonic)."""
         self.revision: int | None = None
         """The key's revision after our own last write (or the load, which precedes every
         write): while it is still current, nobody wrote since and the next write, always
@@ -231,7 +246,14 @@ class SnapshotStore:
         return await asyncio.to_thread(_joined, chunks, manifest)
 
     async def save(self, snapshot: dict[str, Any]) -> bool:
-        """Store `snapshot` unless the stored one is as new; True when written."""
+        """Store `snapshot` unless the stored one is as new; True when written. After a write,
+        the parts of stopped writers are swept when due (`sweep`)."""
+        written = await self._save(snapshot)
+        if written:
+            await self._sweep_when_due()
+        return written
+
+    async def _save(self, snapshot: dict[str, Any]) -> bool:
         part_size = self.part_size or default_part_size(self.kv)
         # zlib and SHA-256 let the event loop go on.
         raw, sha256 = await asyncio.to_thread(_encoded, snapshot, part_size)
@@ -251,6 +273,54 @@ class SnapshotStore:
             return True
         await self._purge(manifest)
         return False
+
+    async def _sweep_when_due(self) -> None:
+        now = time.monotonic()
+        if self.swept_at is not None and now - self.swept_at < self.orphan_age_s:
+            return
+        self.swept_at = now
+        try:
+            await self.sweep()
+        except Exception as exc:  # noqa: BLE001 - best effort, never out of save
+            log.warning("could not sweep the snapshot parts of stopped writers: %s", exc)
+
+    async def sweep(self) -> list[str]:
+        """Purge the parts of writers that stopped between their parts and their manifest: parts
+        under a token that neither the stored manifest nor this store's own writes name, none of
+        them written in the last `orphan_age_s`. The keys purged."""
+        entries = await read_bucket(self.kv)
+        keep = {self.manifest.token} if self.manifest is not None else set()
+        stored = entries.get(KEY)
+        if stored is not None:
+            _, manifest = await asyncio.to_thread(_stored, stored.value)
+            if manifest is not None:
+                keep.add(manifest.token)
+        horizon = datetime.now(UTC) - timedelta(seconds=self.orphan_age_s)
+        tokens: dict[str, list[str]] = {}
+        recent: set[str] = set()
+        for key, entry in entries.items():
+            if not key.startswith(f"{PARTS}."):
+                continue
+            token = key[len(PARTS) + 1 :].rpartition(".")[0]
+            if token in keep or token.startswith(self.token):
+                continue
+            tokens.setdefault(token, []).append(key)
+            if entry.created is None or entry.created > horizon:
+                recent.add(token)
+        purged = []
+        for token, keys in sorted(tokens.items()):
+            if token in recent:
+                continue  # being written, maybe
+            for key in sorted(keys):
+                await self.kv.purge(key)
+                purged.append(key)
+        if purged:
+            log.info(
+                "purged %d snapshot part(s) that no manifest names, of %d stopped writer(s)",
+                len(purged),
+                len(tokens) - len(recent & tokens.keys()),
+            )
+        return purged
 
     async def _stored_is_as_new(self, seq: int) -> bool:
         """Whether another replica stored a snapshot at `seq` or later since this store's last
