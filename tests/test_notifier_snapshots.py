@@ -314,7 +314,7 @@ async def test_a_stopped_writers_parts_are_purged_once_left_long_enough(
     sweeper = SnapshotStore(kv, part_size=4096, orphan_age_s=1.0)
     assert await sweeper.save(noisy(2, 9_000))
     assert await part_keys(kv) == set((await stored_manifest(kv)).part_keys()) | {writing}
-    assert "purged 3 snapshot part(s) that no manifest names, of 1 stopped writer(s)" in caplog.text
+    assert "purged 3 snapshot part(s) that no manifest names, under 1 token(s)" in caplog.text
     assert (await SnapshotStore(kv).load() or {})["seq"] == 2
 
     # Left unwritten as long, the other writer's part goes too; the stored snapshot's stay.

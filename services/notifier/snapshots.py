@@ -316,7 +316,8 @@ class SnapshotStore:
                 purged.append(key)
         if purged:
             log.info(
-                "purged %d snapshot part(s) that no manifest names, of %d stopped writer(s)",
+                "purged %d snapshot part(s) that no manifest names, under %d token(s) of "
+                "stopped writers",
                 len(purged),
                 len(tokens) - len(recent & tokens.keys()),
             )
