@@ -23,7 +23,11 @@ from faststream._internal.middlewares import BaseMiddleware
 from faststream.message import StreamMessage
 from faststream.nats import JStream, NatsBroker, NatsMessage, NatsUserPassword, StorageType
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
-from faststream.nats.subscriber.usecases.stream_pull_subscriber import BatchPullStreamSubscriber
+from faststream.nats.subscriber.usecases.stream_pull_subscriber import (
+    BatchPullStreamSubscriber,
+    ConcurrentPullStreamSubscriber,
+    PullStreamSubscriber,
+)
 from faststream.specification import AsyncAPI
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -346,6 +350,52 @@ async def _consume_batches(self: BatchPullStreamSubscriber) -> None:
 
 
 BatchPullStreamSubscriber._consume_pull = _consume_batches  # type: ignore[method-assign]
+
+CONSUMER_RETRY_S = 1.0
+"""Wait before a pull consumer's creation is asked for again (JetStream did not answer)."""
+
+
+def _creation_asked_again(
+    create: Callable[[Any], Awaitable[None]],
+) -> Callable[[Any], Awaitable[None]]:
+    """FastStream's creation of a pull subscriber's consumer (nats-py's `pull_subscribe`: a look
+    up, then a creation), asked for again while JetStream does not answer, instead of failing
+    the service's start. A service starting during a bus outage (a server restarted, JetStream
+    not ready yet, requests timing out behind many others) exited: nothing restarts a process
+    of the local stack, and a clock-sync gone that way left a rollout's clocks unsynced. Any
+    other error (a consumer configured otherwise, a permission refused) still fails the start."""
+
+    async def create_subscription(self: Any) -> None:
+        attempt = 0
+        while True:
+            try:
+                await create(self)
+                return
+            except (
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+                ServiceUnavailableError,
+            ) as exc:
+                attempt += 1
+                log.warning(
+                    "creating the consumer %s failed (%s: %s); asking again in %.1f s (attempt %d)",
+                    getattr(getattr(self, "config", None), "durable_name", None)
+                    or getattr(getattr(self, "subject", None), "broker_address", "?"),
+                    type(exc).__name__,
+                    exc,
+                    CONSUMER_RETRY_S,
+                    attempt,
+                )
+                await asyncio.sleep(CONSUMER_RETRY_S)
+
+    create_subscription.asked_again = True  # type: ignore[attr-defined]
+    return create_subscription
+
+
+for _pull in (PullStreamSubscriber, ConcurrentPullStreamSubscriber, BatchPullStreamSubscriber):
+    _pull._create_subscription = _creation_asked_again(  # type: ignore[method-assign,assignment]
+        _pull.__dict__["_create_subscription"]
+    )
 
 DLQ_STREAM_NAME = "PAUSEPATCH_DLQ"
 DLQ_COPY_BYTES = 64 * 1024

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -16,6 +18,11 @@ from typing import Any
 import nats
 import pytest
 from faststream.nats import JStream, NatsBroker, PullSub
+from faststream.nats.subscriber.usecases.stream_pull_subscriber import (
+    BatchPullStreamSubscriber,
+    ConcurrentPullStreamSubscriber,
+    PullStreamSubscriber,
+)
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -183,6 +190,52 @@ async def test_a_batch_subscriber_outlives_a_fetch_that_fails_unexpectedly(
         await asyncio.wait_for(all_there.wait(), 10)
         assert failed == ["outlives"]
         assert "fetching from outlives failed (APIError" in caplog.text
+    finally:
+        await broker.stop()
+
+
+def test_every_pull_subscribers_consumer_creation_is_asked_again() -> None:
+    for cls in (PullStreamSubscriber, ConcurrentPullStreamSubscriber, BatchPullStreamSubscriber):
+        assert getattr(cls.__dict__["_create_subscription"], "asked_again", False), cls
+
+
+async def test_a_consumer_created_while_jetstream_does_not_answer_is_asked_for_again(
+    nats_server: NatsServer,
+    nc: Client,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A service starting while the server does not answer (here: stopped, as a server being
+    # restarted) waits for it, asking again, instead of failing its start and exiting; once the
+    # server answers, its consumer is made and delivers what was published.
+    monkeypatch.setattr(bus, "CONSUMER_RETRY_S", 0.1)
+    handled: list[Any] = []
+    got = asyncio.Event()
+    broker = NatsBroker(nats_server.url, js_options={"timeout": 0.3})
+
+    @batch_subscriber(broker, "started-in-an-outage")
+    async def on_batch(body: list[Any]) -> None:
+        handled.extend(body)
+        got.set()
+
+    await broker.connect()
+    assert nats_server.proc is not None
+    os.kill(nats_server.proc.pid, signal.SIGSTOP)
+    try:
+        starting = asyncio.create_task(broker.start())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while "creating the consumer started-in-an-outage failed (TimeoutError" not in caplog.text:
+            assert loop.time() < deadline, "the creation was not asked for again"
+            assert not starting.done(), starting  # never failed
+            await asyncio.sleep(0.05)
+    finally:
+        os.kill(nats_server.proc.pid, signal.SIGCONT)
+    try:
+        await asyncio.wait_for(starting, 20)
+        await nc.jetstream().publish(subjects.vm_resumed("h1", "vm0"), b"{}")
+        await asyncio.wait_for(got.wait(), 10)
+        assert handled == [{}]
     finally:
         await broker.stop()
 
