@@ -352,41 +352,49 @@ async def _consume_batches(self: BatchPullStreamSubscriber) -> None:
 BatchPullStreamSubscriber._consume_pull = _consume_batches  # type: ignore[method-assign]
 
 CONSUMER_RETRY_S = 1.0
-"""Wait before a pull consumer's creation is asked for again (JetStream did not answer)."""
+"""Wait before a request JetStream did not answer is asked again (`until_answered`)."""
+
+UNANSWERED = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError)
+"""What a request to a JetStream that does not answer raises (a server restarting, JetStream not
+ready yet, a request timing out behind many others)."""
+
+
+async def until_answered(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    """`attempt()`, asked again every `CONSUMER_RETRY_S` while JetStream does not answer (each
+    time logged with `what`), for as long as it takes: what a service needs at its start, when
+    waiting beats exiting (nothing restarts a process of the local stack). Any other error is
+    raised at once."""
+    failures = 0
+    while True:
+        try:
+            return await attempt()
+        except UNANSWERED as exc:
+            failures += 1
+            log.warning(
+                "%s failed (%s: %s); asking again in %.1f s (attempt %d)",
+                what,
+                type(exc).__name__,
+                exc,
+                CONSUMER_RETRY_S,
+                failures,
+            )
+            await asyncio.sleep(CONSUMER_RETRY_S)
 
 
 def _creation_asked_again(
     create: Callable[[Any], Awaitable[None]],
 ) -> Callable[[Any], Awaitable[None]]:
     """FastStream's creation of a pull subscriber's consumer (nats-py's `pull_subscribe`: a look
-    up, then a creation), asked for again while JetStream does not answer, instead of failing
-    the service's start. A service starting during a bus outage (a server restarted, JetStream
-    not ready yet, requests timing out behind many others) exited: nothing restarts a process
-    of the local stack, and a clock-sync gone that way left a rollout's clocks unsynced. Any
-    other error (a consumer configured otherwise, a permission refused) still fails the start."""
+    up, then a creation), asked for again while JetStream does not answer (`until_answered`),
+    instead of failing the service's start. A service starting during a bus outage exited: a
+    fresh-clone CI run lost clock-sync so, and with it the rollout's clock results. Any other
+    error (a consumer configured otherwise, a permission refused) still fails the start."""
 
     async def create_subscription(self: Any) -> None:
-        attempt = 0
-        while True:
-            try:
-                await create(self)
-                return
-            except (
-                nats.errors.TimeoutError,
-                nats.errors.NoRespondersError,
-                ServiceUnavailableError,
-            ) as exc:
-                attempt += 1
-                log.warning(
-                    "creating the consumer %s failed (%s: %s); asking again in %.1f s (attempt %d)",
-                    getattr(getattr(self, "config", None), "durable_name", None)
-                    or getattr(getattr(self, "subject", None), "broker_address", "?"),
-                    type(exc).__name__,
-                    exc,
-                    CONSUMER_RETRY_S,
-                    attempt,
-                )
-                await asyncio.sleep(CONSUMER_RETRY_S)
+        name = getattr(getattr(self, "config", None), "durable_name", None) or getattr(
+            getattr(self, "subject", None), "broker_address", "?"
+        )
+        await until_answered(f"creating the consumer {name}", lambda: create(self))
 
     create_subscription.asked_again = True  # type: ignore[attr-defined]
     return create_subscription

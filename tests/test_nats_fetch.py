@@ -240,6 +240,43 @@ async def test_a_consumer_created_while_jetstream_does_not_answer_is_asked_for_a
         await broker.stop()
 
 
+async def test_what_a_start_waits_for_is_asked_again_only_while_jetstream_does_not_answer(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An answer that is an error (here: the stream holds no such event, which the notifier's
+    # start takes for "nothing yet") is raised at once, never asked again; a request that gets
+    # no answer (the server stopped) is asked again until the server answers.
+    client = await nats.connect(nats_server.url)
+    try:
+        js = client.jetstream(timeout=0.3)
+        await js.add_stream(name=subjects.STREAM_NAME, subjects=[subjects.EVENTS_ROOT])
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await bus.until_answered(
+                "the last event",
+                lambda: js.get_last_msg(subjects.STREAM_NAME, subjects.HOST_AND_ROLLOUT_EVENTS),
+            )
+        assert "asking again" not in caplog.text
+        assert nats_server.proc is not None
+        os.kill(nats_server.proc.pid, signal.SIGSTOP)
+        try:
+            reading = asyncio.create_task(
+                bus.until_answered(
+                    "reading the stream", lambda: js.stream_info(subjects.STREAM_NAME)
+                )
+            )
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while "reading the stream failed (TimeoutError" not in caplog.text:
+                assert loop.time() < deadline and not reading.done()
+                await asyncio.sleep(0.05)
+        finally:
+            os.kill(nats_server.proc.pid, signal.SIGCONT)
+        info = await asyncio.wait_for(reading, 20)
+        assert info.config.name == subjects.STREAM_NAME
+    finally:
+        await client.close()
+
+
 async def test_a_batch_is_handed_over_at_the_end_of_its_burst_and_fills_under_load(
     nats_server: NatsServer, nc: Client
 ) -> None:

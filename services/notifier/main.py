@@ -53,6 +53,7 @@ from shared.bus import (
     make_broker,
     read_event,
     recorded,
+    until_answered,
     wait_for_stream,
 )
 from shared.contracts import InvalidMessage, utcnow
@@ -259,13 +260,20 @@ def build_app(settings: NotifierSettings) -> FastStream:
             )
         )
         js = broker.config.connection_state.stream
-        info = await js.stream_info(subjects.STREAM_NAME)
+        # Each step waits for a JetStream that does not answer (a server restarting meanwhile)
+        # instead of failing the start.
+        info = await until_answered(
+            "reading the stream's state", lambda: js.stream_info(subjects.STREAM_NAME)
+        )
         try:  # the replay's last event as of now (the stream's last is likely a VM's)
-            last = await js.get_last_msg(subjects.STREAM_NAME, subjects.HOST_AND_ROLLOUT_EVENTS)
+            last = await until_answered(
+                "reading the stream's last event of hosts and rollouts",
+                lambda: js.get_last_msg(subjects.STREAM_NAME, subjects.HOST_AND_ROLLOUT_EVENTS),
+            )
             catch_up["target"] = last.seq or 0
         except NotFoundError:
             catch_up["target"] = 0
-        snapshot = await store[0].load()
+        snapshot = await until_answered("reading the snapshot", store[0].load)
         try:
             if snapshot is not None and int(snapshot["seq"]) <= info.state.last_seq:
                 document.load(snapshot)
@@ -296,14 +304,17 @@ def build_app(settings: NotifierSettings) -> FastStream:
             (subjects.HOST_AND_ROLLOUT_EVENTS, on_replayed),
         ):
             replay.append(
-                await js.subscribe(
-                    subject,
-                    stream=subjects.STREAM_NAME,
-                    cb=handler,
-                    ordered_consumer=True,
-                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                    config=ConsumerConfig(opt_start_seq=document.seq + 1),
-                    idle_heartbeat=settings.replay_heartbeat_s,
+                await until_answered(
+                    f"creating the ordered consumer of {subject}",
+                    lambda subject=subject, handler=handler: js.subscribe(  # type: ignore[misc]
+                        subject,
+                        stream=subjects.STREAM_NAME,
+                        cb=handler,
+                        ordered_consumer=True,
+                        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                        config=ConsumerConfig(opt_start_seq=document.seq + 1),
+                        idle_heartbeat=settings.replay_heartbeat_s,
+                    ),
                 )
             )
 
