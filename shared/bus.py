@@ -351,7 +351,7 @@ async def _consume_batches(self: BatchPullStreamSubscriber) -> None:
 
 BatchPullStreamSubscriber._consume_pull = _consume_batches  # type: ignore[method-assign]
 
-CONSUMER_RETRY_S = 1.0
+UNANSWERED_RETRY_S = 1.0
 """Wait before a request JetStream did not answer is asked again (`until_answered`)."""
 
 UNANSWERED = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError)
@@ -359,26 +359,36 @@ UNANSWERED = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUn
 ready yet, a request timing out behind many others)."""
 
 
-async def until_answered(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
-    """`attempt()`, asked again every `CONSUMER_RETRY_S` while JetStream does not answer (each
-    time logged with `what`), for as long as it takes: what a service needs at its start, when
-    waiting beats exiting (nothing restarts a process of the local stack). Any other error is
-    raised at once."""
+async def until_answered(
+    what: str,
+    attempt: Callable[[], Awaitable[T]],
+    errors: tuple[type[BaseException], ...] = UNANSWERED,
+    pause_s: float | None = None,
+    deadline: float | None = None,
+) -> T:
+    """`attempt()`, asked again every `pause_s` (`UNANSWERED_RETRY_S` by default) while it
+    raises one of `errors` (by default: JetStream does not answer), each time logged with
+    `what`; for as long as it takes, or until `deadline` (monotonic), past which the last error
+    is raised. What a service needs at its start, when waiting beats exiting (nothing restarts
+    a process of the local stack). Any other error is raised at once."""
     failures = 0
     while True:
         try:
             return await attempt()
-        except UNANSWERED as exc:
+        except errors as exc:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
             failures += 1
+            pause = UNANSWERED_RETRY_S if pause_s is None else pause_s
             log.warning(
                 "%s failed (%s: %s); asking again in %.1f s (attempt %d)",
                 what,
                 type(exc).__name__,
                 exc,
-                CONSUMER_RETRY_S,
+                pause,
                 failures,
             )
-            await asyncio.sleep(CONSUMER_RETRY_S)
+            await asyncio.sleep(pause)
 
 
 def _creation_asked_again(
@@ -509,14 +519,7 @@ _NOT_READY = (
 async def _until_ready(what: str, attempt: Callable[[], Awaitable[T]], deadline: float) -> T:
     """`attempt()`, again every 0.5 s while JetStream is not ready; its last refusal is raised
     once `deadline` (monotonic) has passed."""
-    while True:
-        try:
-            return await attempt()
-        except _NOT_READY as exc:
-            if time.monotonic() >= deadline:
-                raise
-            log.warning("%s not ready yet (%s): retrying", what, exc)
-            await asyncio.sleep(0.5)
+    return await until_answered(what, attempt, _NOT_READY, 0.5, deadline)
 
 
 async def _declare(js: Any, config: StreamConfig, deadline: float) -> StreamConfig | None:

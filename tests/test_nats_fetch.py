@@ -208,7 +208,7 @@ async def test_a_consumer_created_while_jetstream_does_not_answer_is_asked_for_a
     # A service starting while the server does not answer (here: stopped, as a server being
     # restarted) waits for it, asking again, instead of failing its start and exiting; once the
     # server answers, its consumer is made and delivers what was published.
-    monkeypatch.setattr(bus, "CONSUMER_RETRY_S", 0.1)
+    monkeypatch.setattr(bus, "UNANSWERED_RETRY_S", 0.1)
     handled: list[Any] = []
     got = asyncio.Event()
     broker = NatsBroker(nats_server.url, js_options={"timeout": 0.3})

@@ -319,7 +319,7 @@ class SnapshotStore:
                 "purged %d snapshot part(s) that no manifest names, under %d token(s) of "
                 "stopped writers",
                 len(purged),
-                len(tokens) - len(recent & tokens.keys()),
+                len(tokens) - len(recent),
             )
         return purged
 
