@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import os
 import signal
@@ -194,6 +195,29 @@ async def test_a_batch_subscriber_outlives_a_fetch_that_fails_unexpectedly(
         await broker.stop()
 
 
+def thread_states(pid: int) -> list[str]:
+    """The scheduler state of every thread of `pid` (`T`: stopped)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+    return states
+
+
+async def stop_process(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP `pid` and wait until every thread of it is stopped: the signal is delivered
+    asynchronously, and a busy server could still answer a request sent just after `kill`."""
+    os.kill(pid, signal.SIGSTOP)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        states = thread_states(pid)
+        if states and all(state in ("T", "t") for state in states):
+            return
+        assert loop.time() < deadline, f"process {pid} not stopped: {states}"
+        await asyncio.sleep(0.01)
+
+
 def test_every_pull_subscribers_consumer_creation_is_asked_again() -> None:
     for cls in (PullStreamSubscriber, ConcurrentPullStreamSubscriber, BatchPullStreamSubscriber):
         assert getattr(cls.__dict__["_create_subscription"], "asked_again", False), cls
@@ -220,7 +244,7 @@ async def test_a_consumer_created_while_jetstream_does_not_answer_is_asked_for_a
 
     await broker.connect()
     assert nats_server.proc is not None
-    os.kill(nats_server.proc.pid, signal.SIGSTOP)
+    await stop_process(nats_server.proc.pid)
     try:
         starting = asyncio.create_task(broker.start())
         loop = asyncio.get_running_loop()
@@ -257,7 +281,7 @@ async def test_what_a_start_waits_for_is_asked_again_only_while_jetstream_does_n
             )
         assert "asking again" not in caplog.text
         assert nats_server.proc is not None
-        os.kill(nats_server.proc.pid, signal.SIGSTOP)
+        await stop_process(nats_server.proc.pid)
         try:
             reading = asyncio.create_task(
                 bus.until_answered(
