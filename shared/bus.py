@@ -12,6 +12,7 @@ import logging
 import signal
 import time
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -359,6 +360,36 @@ UNANSWERED = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUn
 ready yet, a request timing out behind many others)."""
 
 
+class RequestRefused(PermissionError):
+    """A JetStream API request the server refused: the connection's user may not publish to
+    that API subject (the server drops the request and reports a permissions violation)."""
+
+
+_REFUSALS: deque[tuple[float, str]] = deque(maxlen=32)
+"""The server's permission violations on JetStream API subjects, as reported to this process's
+connections (`note_refusal`): when, and the server's words."""
+
+
+async def note_refusal(err: Exception) -> None:
+    """The `error_cb` of every service's connection (`make_broker`). A JetStream API request
+    that the user may not publish gets no answer at all: the server drops it and sends the
+    client an error of its own (`-ERR 'Permissions Violation for Publish to "$JS.API..."'`), so
+    the request itself only times out. Kept here, the violation lets `until_answered` tell a
+    refusal (fail now, saying why) from a server that does not answer (ask again)."""
+    text = str(err)
+    lowered = text.lower()
+    if "permissions violation" in lowered and "$js.api." in lowered:
+        _REFUSALS.append((time.monotonic(), text.removeprefix("nats: ")))
+
+
+def refused_since(since: float) -> str | None:
+    """The latest permission violation on a JetStream API subject reported at or after `since`
+    (monotonic), if any."""
+    if _REFUSALS and _REFUSALS[-1][0] >= since:
+        return _REFUSALS[-1][1]
+    return None
+
+
 async def until_answered(
     what: str,
     attempt: Callable[[], Awaitable[T]],
@@ -370,12 +401,22 @@ async def until_answered(
     raises one of `errors` (by default: JetStream does not answer), each time logged with
     `what`; for as long as it takes, or until `deadline` (monotonic), past which the last error
     is raised. What a service needs at its start, when waiting beats exiting (nothing restarts
-    a process of the local stack). Any other error is raised at once."""
+    a process of the local stack). Any other error is raised at once, and so is a request left
+    unanswered because the server refused it (`RequestRefused`: the server reported a
+    permission violation on a JetStream API subject meanwhile, see `note_refusal`); asking again
+    would wait for ever on a misconfigured user."""
     failures = 0
     while True:
+        started = time.monotonic()
         try:
             return await attempt()
         except errors as exc:
+            refusal = refused_since(started)
+            if refusal is not None:
+                raise RequestRefused(
+                    f"{what}: refused by the NATS server ({refusal}); "
+                    "this service's NATS user lacks that permission"
+                ) from exc
             if deadline is not None and time.monotonic() >= deadline:
                 raise
             failures += 1
@@ -683,6 +724,9 @@ def make_broker(
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         connect_timeout=5,
+        # The server's permission violations, so that a start refused its consumer fails
+        # saying so instead of waiting for an answer that never comes (`until_answered`).
+        error_cb=note_refusal,
         js_options={"timeout": settings.js_api_timeout_s},
         # Replies and deliveries under this user's own prefix (its permissions allow no other).
         inbox_prefix=settings.inbox_prefix,

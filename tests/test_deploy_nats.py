@@ -467,6 +467,27 @@ async def test_a_host_agent_cannot_publish_maintenance_or_another_hosts_events(
         assert not await _stored(operator, subject), subject
 
 
+async def test_a_service_started_as_a_user_without_its_consumers_permission_exits_saying_so(
+    secured: Secured, operator: Client
+) -> None:
+    # clock-sync logged in as the notifier: the server drops its consumer's look-up (no
+    # permission), which so gets no answer, only a violation reported to the connection. The
+    # service must fail its start naming the refusal, not wait for an answer as it does while a
+    # server restarts, nor pass for running.
+    secured.stack.start_service("planner", "planner", (), **secured.login("planner"))
+    await wait_stream(operator)
+    proc = secured.stack.start_service(
+        "clock-sync", "clock_sync", (), PP_JS_API_TIMEOUT_S="1", **secured.login("notifier")
+    )
+    assert proc.proc is not None
+    code = await asyncio.to_thread(proc.proc.wait, 60)
+    log = proc.log_tail(60)
+    assert code != 0, log
+    assert "refused by the NATS server" in log, log
+    assert "clock-sync-resumed" in log and "permissions violation" in log.lower(), log
+    assert "asking again" not in log, log
+
+
 async def test_a_notifier_cannot_start_maintenance_and_strangers_cannot_log_in(
     secured: Secured, operator: Client
 ) -> None:

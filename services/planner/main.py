@@ -44,6 +44,7 @@ from shared.bus import (
     make_broker,
     raw_only,
     read_batch,
+    until_answered,
 )
 from shared.contracts import (
     ClockSynced,
@@ -431,9 +432,13 @@ def build_app(settings: PlannerSettings) -> FastStream:
         await lease.acquire()
         # The inventory consumer of the planner active before this one (it would go on where
         # that one stopped): this one starts from the last inventory of every host.
+        # Asked again while JetStream does not answer (a server restarting under this start).
         with contextlib.suppress(NotFoundError):
-            await broker.config.connection_state.stream.delete_consumer(
-                subjects.STREAM_NAME, INVENTORY_DURABLE
+            await until_answered(
+                f"deleting the consumer {INVENTORY_DURABLE}",
+                lambda: broker.config.connection_state.stream.delete_consumer(
+                    subjects.STREAM_NAME, INVENTORY_DURABLE
+                ),
             )
         store = RolloutStore(
             await key_value(broker, ROLLOUTS_BUCKET, settings.stream_replicas),
