@@ -328,15 +328,17 @@ async def _consume_batches(self: BatchPullStreamSubscriber) -> None:
         except nats.errors.TimeoutError:
             continue  # still idle
         except (nats.errors.ConnectionClosedError, ServiceUnavailableError):
-            # Unprocessed messages stay unacknowledged for the server to redeliver; a closed
-            # connection or a JetStream not ready is not asked again at once, in a loop.
+            # A closed connection or a JetStream not ready is not asked again at once, in a
+            # loop. What the window had gathered before is handled first (below): delivered
+            # and left unhandled, it would wait out the consumer's ack wait (30 s) to come again.
+            await _handle_gathered(self, messages)
             await asyncio.sleep(0.1)
             continue
         except Exception as exc:  # noqa: BLE001 - the loop outlives any one fetch
             # Any other error: said with the consumer's name each time, and asked again after a
             # pause (FastStream's task supervisor would restart the loop at once, in a tight
-            # loop for an error that persists, and log only the first of each kind). What was
-            # fetched and not handled is redelivered after the consumer's ack wait.
+            # loop for an error that persists, and log only the first of each kind). What the
+            # window had gathered before the failing fetch is handled first, as above.
             log.error(
                 "fetching from %s failed (%s: %s); asking again in %.1f s",
                 getattr(subscription, "_consumer", "a consumer"),
@@ -344,10 +346,16 @@ async def _consume_batches(self: BatchPullStreamSubscriber) -> None:
                 exc,
                 FETCH_ERROR_PAUSE_S,
             )
+            await _handle_gathered(self, messages)
             await asyncio.sleep(FETCH_ERROR_PAUSE_S)
             continue
-        if messages and self.running:
-            await self.consume(messages)  # type: ignore[arg-type]
+        await _handle_gathered(self, messages)
+
+
+async def _handle_gathered(self: BatchPullStreamSubscriber, messages: list[Msg]) -> None:
+    """Hand a gathered batch to the subscriber's handler (nothing if empty or stopping)."""
+    if messages and self.running:
+        await self.consume(messages)  # type: ignore[arg-type]
 
 
 BatchPullStreamSubscriber._consume_pull = _consume_batches  # type: ignore[method-assign]

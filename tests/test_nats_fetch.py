@@ -195,6 +195,52 @@ async def test_a_batch_subscriber_outlives_a_fetch_that_fails_unexpectedly(
         await broker.stop()
 
 
+async def test_what_a_window_gathered_before_a_fetch_failed_is_handled_at_once(
+    nats_server: NatsServer,
+    nc: Client,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A fetch fails after the window already holds messages (the next fetch of the same
+    # window). Those messages were delivered: dropped with the failed fetch, they would come
+    # again only after the consumer's ack wait (30 s: a wave waiting on its clock results).
+    monkeypatch.setattr(bus, "FETCH_ERROR_PAUSE_S", 0.05, raising=False)
+    fetch = JetStreamContext.PullSubscription.fetch
+    calls: list[int] = []
+
+    async def fails_after_a_delivery(self: Any, *args: Any, **kwargs: Any) -> list[Msg]:
+        if self._consumer == "gathered" and calls and calls[-1] > 0 and len(calls) == 1:
+            calls.append(-1)
+            raise nats.js.errors.APIError(code=400, description="injected")
+        got = await fetch(self, *args, **kwargs)
+        if self._consumer == "gathered" and not calls and got:
+            calls.append(len(got))
+        return got
+
+    monkeypatch.setattr(JetStreamContext.PullSubscription, "fetch", fails_after_a_delivery)
+    js = nc.jetstream()
+    for i in range(5):
+        await js.publish(subjects.vm_resumed("h1", f"vm{i}"), str(i).encode())
+    handled: list[Any] = []
+    all_there = asyncio.Event()
+    broker = NatsBroker(nats_server.url)
+
+    @batch_subscriber(broker, "gathered")
+    async def on_batch(body: list[Any]) -> None:
+        handled.extend(body)
+        if len(handled) >= 5:
+            all_there.set()
+
+    await broker.start()
+    try:
+        await asyncio.wait_for(all_there.wait(), 10)  # far below the ack wait's 30 s
+        assert calls[-1] == -1, calls  # the failure came after a fetch that brought messages
+        assert sorted(handled) == [0, 1, 2, 3, 4], handled  # each once
+        assert "fetching from gathered failed (APIError" in caplog.text
+    finally:
+        await broker.stop()
+
+
 def thread_states(pid: int) -> list[str]:
     """The scheduler state of every thread of `pid` (`T`: stopped)."""
     states = []
