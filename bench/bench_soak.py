@@ -257,20 +257,28 @@ async def wait_hosts_known(
     )
 
 
-async def consumer_states(url: str) -> dict[str, Any]:
+CONSUMERS_SETTLE_S = 5.0
+"""How long `consumer_states` watches a consumer that holds events at the end for it to handle
+what it held then (heartbeats keep arriving: a live consumer is rarely caught at exactly 0)."""
+
+
+async def consumer_states(url: str, settle_s: float = CONSUMERS_SETTLE_S) -> dict[str, Any]:
     """What each durable consumer of the PAUSEPATCH stream holds at the end of the run: events
     not yet delivered (`pending`), delivered and not acknowledged (`ack_pending`), delivered
     more than once (`redelivered`), and pull requests waiting (`waiting`: a consumer whose
     service still asks for more). The agents' per-host consumers are summed. Each should be 0
-    but `waiting`; anything else is an event a service has not handled."""
+    but `waiting`; anything else is an event a service has not handled, unless the consumer
+    handles it within `settle_s`: a consumer found holding events is read again until its
+    acknowledged floor passes what it held (its deliveries then, plus what was pending), and
+    said `stalled` (true) if it does not; a stalled per-host consumer counts in the agents'
+    `stalled`."""
     nc = await connect(url)
     try:
         js = nc.jetstream(timeout=30)
+        infos = await read_consumers(js)
+        holding = await stalled(js, infos, settle_s)
         states: dict[str, Any] = {}
-        agents = {"consumers": 0, "pending": 0, "ack_pending": 0, "redelivered": 0}
-        infos: list[Any] = []
-        while page := await js.consumers_info("PAUSEPATCH", offset=len(infos)):
-            infos += page
+        agents = {"consumers": 0, "pending": 0, "ack_pending": 0, "redelivered": 0, "stalled": 0}
         for info in infos:
             name = info.name or ""
             state = {
@@ -279,10 +287,13 @@ async def consumer_states(url: str) -> dict[str, Any]:
                 "redelivered": info.num_redelivered or 0,
                 "waiting": info.num_waiting or 0,
             }
+            if state["pending"] or state["ack_pending"]:
+                state["stalled"] = name in holding
             if name.startswith("host-agent-"):
                 agents["consumers"] += 1
                 for key in ("pending", "ack_pending", "redelivered"):
                     agents[key] += state[key]
+                agents["stalled"] += name in holding
             elif info.config.durable_name:
                 states[name] = state
         return {**dict(sorted(states.items())), "host-agents": agents}
@@ -290,13 +301,39 @@ async def consumer_states(url: str) -> dict[str, Any]:
         await nc.close()
 
 
-def unhandled(consumers: dict[str, Any]) -> dict[str, Any]:
-    """The consumers of `consumer_states` left with events not handled."""
-    return {
-        name: state
-        for name, state in consumers.items()
-        if state.get("pending") or state.get("ack_pending")
+async def read_consumers(js: Any) -> list[Any]:
+    """The info of every consumer of the PAUSEPATCH stream, page by page (256 a page)."""
+    infos: list[Any] = []
+    while page := await js.consumers_info("PAUSEPATCH", offset=len(infos)):
+        infos += page
+    return infos
+
+
+async def stalled(js: Any, infos: list[Any], settle_s: float) -> set[str]:
+    """The consumers of `infos` that held events and have not handled them `settle_s` later:
+    each is read again until its acknowledged floor passes what it held (its deliveries then,
+    plus what was pending then) or it holds nothing."""
+    holding = {
+        info.name: (info.delivered.consumer_seq or 0) + (info.num_pending or 0)
+        for info in infos
+        if info.name and (info.num_pending or info.num_ack_pending)
     }
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settle_s
+    while holding and loop.time() < deadline:
+        await asyncio.sleep(0.25)  # bounded by settle_s: a consumer's progress, polled
+        for name, floor in list(holding.items()):
+            info = await js.consumer_info("PAUSEPATCH", name)
+            if (info.ack_floor.consumer_seq or 0) >= floor or not (
+                info.num_pending or info.num_ack_pending
+            ):
+                del holding[name]
+    return set(holding)
+
+
+def unhandled(consumers: dict[str, Any]) -> dict[str, Any]:
+    """The consumers of `consumer_states` left with events not handled (stalled)."""
+    return {name: state for name, state in consumers.items() if state.get("stalled")}
 
 
 async def read_stream(url: str) -> list[tuple[str, dict[str, Any]]]:

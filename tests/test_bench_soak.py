@@ -3,6 +3,7 @@ direct libvirt loop (on the test driver) and the machine-speed probes."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
 import sys
@@ -202,7 +203,7 @@ async def test_consumers_left_with_events_are_named_at_the_end(
                 "PAUSEPATCH",
                 ConsumerConfig(durable_name=f"host-agent-h{n}-started", filter_subject="pp.evt.x"),
             )
-        states = await soak.consumer_states(nats_server.url)
+        states = await soak.consumer_states(nats_server.url, settle_s=0.6)
     finally:
         await nc.close()
     assert taken.subject == "pp.evt.vm.h0.vm0.resumed"
@@ -211,20 +212,58 @@ async def test_consumers_left_with_events_are_named_at_the_end(
         "ack_pending": 1,
         "redelivered": 0,
         "waiting": 0,
+        "stalled": True,
     }
     assert states["planner-host-clock"]["pending"] == 0
     assert states["planner-host-clock"]["ack_pending"] == 0
+    assert "stalled" not in states["planner-host-clock"]
     assert states["host-agents"] == {
         "consumers": 260,
         "pending": 0,
         "ack_pending": 0,
         "redelivered": 0,
+        "stalled": 0,
     }
     assert soak.unhandled(states) == {"clock-sync-resumed": states["clock-sync-resumed"]}
     result = {"messages_lost": 0, "consumers_unhandled": soak.unhandled(states)}
     assert soak.verdicts(result)[-1].startswith(
         "events NOT handled at the end (consumer: state): {'clock-sync-resumed'"
     )
+
+
+async def test_a_consumer_that_handles_what_it_held_at_the_end_is_not_named(
+    soak: ModuleType, nats_server: NatsServer
+) -> None:
+    # Heartbeats keep coming at the end of a run: a live consumer caught holding events is
+    # watched until it has handled what it held then; only one that does not is named.
+    nc = await connect(nats_server.url)
+    try:
+        js = nc.jetstream(timeout=30)
+        await js.add_stream(name="PAUSEPATCH", subjects=["pp.evt.>"], storage="memory")
+        for n in range(3):
+            await js.publish(f"pp.evt.host.h{n}.inventory", b"{}")
+        live = await js.pull_subscribe("pp.evt.host.*.inventory", durable="planner-inventory")
+        (held,) = await live.fetch(1, timeout=5)  # one delivered and not acknowledged yet
+
+        infos = await soak.read_consumers(js)
+        watching = asyncio.create_task(soak.stalled(js, infos, settle_s=20))
+        await held.ack_sync()
+        read = 1
+        while read < 3:
+            for msg in await live.fetch(3 - read, timeout=5):
+                await msg.ack_sync()
+                read += 1
+        # What comes after the first read is not what it held then.
+        await js.publish("pp.evt.host.h9.inventory", b"{}")
+        left = await asyncio.wait_for(watching, 25)
+        states = await soak.consumer_states(nats_server.url, settle_s=0.6)
+    finally:
+        await nc.close()
+    assert [i.name for i in infos if i.num_pending or i.num_ack_pending] == ["planner-inventory"]
+    assert left == set()
+    # Read again now, it holds the later event and makes no progress: named.
+    assert states["planner-inventory"]["pending"] == 1 and states["planner-inventory"]["stalled"]
+    assert soak.unhandled(states) == {"planner-inventory": states["planner-inventory"]}
 
 
 def test_a_service_stopped_during_the_run_is_said_with_its_last_lines(soak: ModuleType) -> None:
