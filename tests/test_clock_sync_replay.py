@@ -201,6 +201,52 @@ async def test_a_result_carries_on_the_trace_of_its_resume_from_a_replica_that_e
         assert (stored.headers or {})["traceparent"] == traceparents[resume.vm]
 
 
+async def test_a_batch_larger_than_the_in_flight_bound_is_synced(
+    stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
+) -> None:
+    """`PP_CLOCK_IN_FLIGHT` bounds the resumes one replica handles at once; a batch larger than
+    the bound (three resumes stored before clock-sync starts, fetched together, against a
+    bound of one) is handled all the same, not waited on for ever."""
+    client, watcher = bus
+    start_core(stack, notifier=False, clock_sync=False)
+    vms = [f"{HOST}-a", f"{HOST}-b", f"{HOST}-c"]
+    stack.add_sim_host(HOST, sim_vms([(vm, None, None) for vm in vms]))
+    await ready(stack, client, watcher, [HOST])
+    js = client.nc.jetstream()
+    first = resumed(HOST, "r-bound", utcnow())
+    for vm in vms:
+        resume = first.model_copy(update={"vm": vm, "event_id": uuid.uuid4()})
+        await js.publish(
+            resume.subject(),
+            resume.model_dump_json().encode(),
+            headers={"Nats-Msg-Id": str(resume.event_id)},
+        )
+    stack.start_service("clock-sync", "clock_sync", (), PP_CLOCK_IN_FLIGHT="1")
+    results = await watcher.wait_for(
+        lambda w: (
+            len({r.vm for r in w.events(ClockSynced, host=HOST)}) >= 3
+            and w.events(ClockSynced, host=HOST)
+        ),
+        30,
+        "every result",
+    )
+    assert sorted(r.vm for r in results) == vms, results
+    await consumer_idle(client)
+    # The bound still holds for what comes next: one more resume, one more result.
+    later = first.model_copy(update={"event_id": uuid.uuid4(), "rollout_id": "r-bound-2"})
+    await js.publish(
+        later.subject(),
+        later.model_dump_json().encode(),
+        headers={"Nats-Msg-Id": str(later.event_id)},
+    )
+    await watcher.wait_for(
+        lambda w: [r for r in w.events(ClockSynced, host=HOST) if r.rollout_id == "r-bound-2"],
+        30,
+        "the later result",
+    )
+    await consumer_idle(client)
+
+
 async def test_resumes_whose_agent_answers_only_later_are_synced_once_it_does(
     stack: LocalStack, bus: tuple[PlannerClient, EventWatcher]
 ) -> None:

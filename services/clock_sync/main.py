@@ -121,7 +121,11 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
         # The batch is handled in the background: the next one is fetched while this one waits
         # on its hosts' agents and on the stream's acks (each message is acknowledged once its
         # result and its host's are stored). `in_flight` bounds how many wait at once.
-        for _ in items:
+        # Never more than the bound itself: a batch larger than it (a small
+        # `PP_CLOCK_IN_FLIGHT`, or a fetch that brought more than its batch) would wait for
+        # permits only its own completion gives back, for ever, and this replica with it.
+        held = min(len(items), settings.clock_in_flight)
+        for _ in range(held):
             await in_flight.acquire()
         hosts: dict[tuple[str, str | None], list[tuple[VMResumed, Msg]]] = {}
         for event, raw in items:
@@ -130,7 +134,7 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
         task = asyncio.ensure_future(asyncio.gather(*(sync_host(g) for g in hosts.values())))
         pending.add(task)
         task.add_done_callback(pending.discard)
-        task.add_done_callback(lambda _: release(len(items)))
+        task.add_done_callback(lambda _: release(held))
 
     def release(count: int) -> None:
         for _ in range(count):
