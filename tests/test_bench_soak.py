@@ -8,9 +8,10 @@ import importlib
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from nats.js.api import ConsumerConfig
@@ -181,31 +182,50 @@ def test_the_printout_folds_the_agents_and_says_whether_each_target_is_met(
     assert "NOT met" in soak.printable(result).splitlines()[-4]
 
 
+@pytest.fixture
+async def js(nats_server: NatsServer) -> AsyncIterator[Any]:
+    """A connection's JetStream context on the test's server, with an in-memory PAUSEPATCH
+    stream."""
+    nc = await connect(nats_server.url)
+    try:
+        context = nc.jetstream(timeout=30)
+        await context.add_stream(name="PAUSEPATCH", subjects=["pp.evt.>"], storage="memory")
+        yield context
+    finally:
+        await nc.close()
+
+
+async def publish_each(js: Any, subjects: list[str]) -> None:
+    """One event on each of `subjects`."""
+    for subject in subjects:
+        await js.publish(subject, b"{}")
+
+
+async def one_delivered(js: Any, subject: str, durable: str) -> tuple[Any, Any]:
+    """A durable pull consumer of `subject` and its first message, delivered and not
+    acknowledged."""
+    sub = await js.pull_subscribe(subject, durable=durable)
+    (msg,) = await sub.fetch(1, timeout=5)
+    return sub, msg
+
+
 async def test_consumers_left_with_events_are_named_at_the_end(
-    soak: ModuleType, nats_server: NatsServer
+    soak: ModuleType, nats_server: NatsServer, js: Any
 ) -> None:
     # A real server: one service consumer with an event delivered and not acknowledged and
     # one not delivered yet, another with everything acknowledged, and more per-host consumers
     # than one page of the server's consumer list (256), summed.
-    nc = await connect(nats_server.url)
-    try:
-        js = nc.jetstream(timeout=30)
-        await js.add_stream(name="PAUSEPATCH", subjects=["pp.evt.>"], storage="memory")
-        for n in range(2):
-            await js.publish(f"pp.evt.vm.h{n}.vm0.resumed", b"{}")
-        late = await js.pull_subscribe("pp.evt.vm.*.*.resumed", durable="clock-sync-resumed")
-        (taken,) = await late.fetch(1, timeout=5)  # delivered, never acknowledged
-        done = await js.pull_subscribe("pp.evt.vm.*.*.resumed", durable="planner-host-clock")
-        for msg in await done.fetch(2, timeout=5):
-            await msg.ack_sync()
-        for n in range(260):
-            await js.add_consumer(
-                "PAUSEPATCH",
-                ConsumerConfig(durable_name=f"host-agent-h{n}-started", filter_subject="pp.evt.x"),
-            )
-        states = await soak.consumer_states(nats_server.url, settle_s=0.6)
-    finally:
-        await nc.close()
+    await publish_each(js, [f"pp.evt.vm.h{n}.vm0.resumed" for n in range(2)])
+    _, taken = await one_delivered(js, "pp.evt.vm.*.*.resumed", "clock-sync-resumed")
+    done = await js.pull_subscribe("pp.evt.vm.*.*.resumed", durable="planner-host-clock")
+    for msg in await done.fetch(2, timeout=5):
+        await msg.ack_sync()
+    for n in range(260):
+        await js.add_consumer(
+            "PAUSEPATCH",
+            ConsumerConfig(durable_name=f"host-agent-h{n}-started", filter_subject="pp.evt.x"),
+        )
+    states = await soak.consumer_states(nats_server.url, settle_s=0.6)
     assert taken.subject == "pp.evt.vm.h0.vm0.resumed"
     assert states["clock-sync-resumed"] == {
         "pending": 1,
@@ -232,33 +252,24 @@ async def test_consumers_left_with_events_are_named_at_the_end(
 
 
 async def test_a_consumer_that_handles_what_it_held_at_the_end_is_not_named(
-    soak: ModuleType, nats_server: NatsServer
+    soak: ModuleType, nats_server: NatsServer, js: Any
 ) -> None:
     # Heartbeats keep coming at the end of a run: a live consumer caught holding events is
     # watched until it has handled what it held then; only one that does not is named.
-    nc = await connect(nats_server.url)
-    try:
-        js = nc.jetstream(timeout=30)
-        await js.add_stream(name="PAUSEPATCH", subjects=["pp.evt.>"], storage="memory")
-        for n in range(3):
-            await js.publish(f"pp.evt.host.h{n}.inventory", b"{}")
-        live = await js.pull_subscribe("pp.evt.host.*.inventory", durable="planner-inventory")
-        (held,) = await live.fetch(1, timeout=5)  # one delivered and not acknowledged yet
-
-        infos = await soak.read_consumers(js)
-        watching = asyncio.create_task(soak.stalled(js, infos, settle_s=20))
-        await held.ack_sync()
-        read = 1
-        while read < 3:
-            for msg in await live.fetch(3 - read, timeout=5):
-                await msg.ack_sync()
-                read += 1
-        # What comes after the first read is not what it held then.
-        await js.publish("pp.evt.host.h9.inventory", b"{}")
-        left = await asyncio.wait_for(watching, 25)
-        states = await soak.consumer_states(nats_server.url, settle_s=0.6)
-    finally:
-        await nc.close()
+    await publish_each(js, [f"pp.evt.host.h{n}.inventory" for n in range(3)])
+    live, held = await one_delivered(js, "pp.evt.host.*.inventory", "planner-inventory")
+    infos = await soak.read_consumers(js)
+    watching = asyncio.create_task(soak.stalled(js, infos, settle_s=20))
+    await held.ack_sync()
+    read = 1
+    while read < 3:
+        for msg in await live.fetch(3 - read, timeout=5):
+            await msg.ack_sync()
+            read += 1
+    # What comes after the first read is not what it held then.
+    await js.publish("pp.evt.host.h9.inventory", b"{}")
+    left = await asyncio.wait_for(watching, 25)
+    states = await soak.consumer_states(nats_server.url, settle_s=0.6)
     assert [i.name for i in infos if i.num_pending or i.num_ack_pending] == ["planner-inventory"]
     assert left == set()
     # Read again now, it holds the later event and makes no progress: named.

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import uuid
 from datetime import datetime, timedelta
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
@@ -16,7 +17,7 @@ from nats.js.errors import NotFoundError
 from services.clock_sync.sync import result_id
 from shared import subjects
 from shared.client import EventWatcher, PlannerClient
-from shared.contracts import ClockSynced, HostClockSynced, VMClock, VMResumed, utcnow
+from shared.contracts import ClockSynced, Event, HostClockSynced, VMClock, VMResumed, utcnow
 from shared.devstack import LocalStack
 from tests.support.fleet import ready, sim_vms, start_core
 
@@ -48,6 +49,29 @@ async def consumer_idle(client: PlannerClient, timeout: float = 20.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError(f"clock-sync still busy: {info}")
         await asyncio.sleep(0.05)
+
+
+async def synced(
+    watcher: EventWatcher, vms: list[str], timeout: float, what: str
+) -> list[ClockSynced]:
+    """The `ClockSynced` of `HOST` once every VM of `vms` has one."""
+    return await watcher.wait_for(
+        lambda w: (
+            len({r.vm for r in w.events(ClockSynced, host=HOST)}) >= len(vms)
+            and w.events(ClockSynced, host=HOST)
+        ),
+        timeout,
+        what,
+    )
+
+
+async def store_event(js: Any, event: Event) -> None:
+    """Store an event as its sender does (its event id as the message id)."""
+    await js.publish(
+        event.subject(),
+        event.model_dump_json().encode(),
+        headers={"Nats-Msg-Id": str(event.event_id)},
+    )
 
 
 async def one_vm_host_watched(
@@ -141,11 +165,7 @@ async def test_a_resume_delivered_again_whose_vms_result_is_stored_gets_its_host
     host = "hv-agentless"
     resume = resumed(host, "r-again", utcnow())
     js = client.nc.jetstream()
-    await js.publish(
-        resume.subject(),
-        resume.model_dump_json().encode(),
-        headers={"Nats-Msg-Id": str(resume.event_id)},
-    )
+    await store_event(js, resume)
     stored = ClockSynced(
         event_id=result_id(resume),
         host=host,
@@ -157,11 +177,7 @@ async def test_a_resume_delivered_again_whose_vms_result_is_stored_gets_its_host
         method="host-time",
         attempts=1,
     )
-    await js.publish(
-        stored.subject(),
-        stored.model_dump_json().encode(),
-        headers={"Nats-Msg-Id": str(stored.event_id)},
-    )
+    await store_event(js, stored)
     [result] = await watcher.wait_for(
         lambda w: w.events(HostClockSynced, host=host), 20, "the host's clock result"
     )
@@ -215,29 +231,14 @@ async def test_a_batch_larger_than_the_in_flight_bound_is_synced(
     js = client.nc.jetstream()
     first = resumed(HOST, "r-bound", utcnow())
     for vm in vms:
-        resume = first.model_copy(update={"vm": vm, "event_id": uuid.uuid4()})
-        await js.publish(
-            resume.subject(),
-            resume.model_dump_json().encode(),
-            headers={"Nats-Msg-Id": str(resume.event_id)},
-        )
+        await store_event(js, first.model_copy(update={"vm": vm, "event_id": uuid.uuid4()}))
     stack.start_service("clock-sync", "clock_sync", (), PP_CLOCK_IN_FLIGHT="1")
-    results = await watcher.wait_for(
-        lambda w: (
-            len({r.vm for r in w.events(ClockSynced, host=HOST)}) >= 3
-            and w.events(ClockSynced, host=HOST)
-        ),
-        30,
-        "every result",
-    )
+    results = await synced(watcher, vms, 30, "every result")
     assert sorted(r.vm for r in results) == vms, results
     await consumer_idle(client)
     # The bound still holds for what comes next: one more resume, one more result.
-    later = first.model_copy(update={"event_id": uuid.uuid4(), "rollout_id": "r-bound-2"})
-    await js.publish(
-        later.subject(),
-        later.model_dump_json().encode(),
-        headers={"Nats-Msg-Id": str(later.event_id)},
+    await store_event(
+        js, first.model_copy(update={"event_id": uuid.uuid4(), "rollout_id": "r-bound-2"})
     )
     await watcher.wait_for(
         lambda w: [r for r in w.events(ClockSynced, host=HOST) if r.rollout_id == "r-bound-2"],
@@ -259,11 +260,7 @@ async def test_resumes_whose_agent_answers_only_later_are_synced_once_it_does(
     first = resumed(HOST, "r-later", utcnow())
     resumes = [first, first.model_copy(update={"vm": f"{HOST}-b", "event_id": uuid.uuid4()})]
     for resume in resumes:
-        await js.publish(
-            resume.subject(),
-            resume.model_dump_json().encode(),
-            headers={"Nats-Msg-Id": str(resume.event_id)},
-        )
+        await store_event(js, resume)
 
     async def retried() -> None:
         redelivered = 0
@@ -279,14 +276,7 @@ async def test_resumes_whose_agent_answers_only_later_are_synced_once_it_does(
     # A retry is a nak with a delay, a core NATS message: one lost on its way leaves the resume
     # to the consumer's ack wait (30 s), after which the server delivers it again by itself.
     # Both are the product working; the wait covers the slower one.
-    results = await watcher.wait_for(
-        lambda w: (
-            len({r.vm for r in w.events(ClockSynced, host=HOST)}) >= 2
-            and w.events(ClockSynced, host=HOST)
-        ),
-        45,
-        "both results",
-    )
+    results = await synced(watcher, [f"{HOST}-a", f"{HOST}-b"], 45, "both results")
     assert sorted(r.vm for r in results) == [f"{HOST}-a", f"{HOST}-b"], results
     # The agent's own answer (the test driver has no guest clock to set), after the retries.
     assert all(r.attempts > 1 and "did not answer" not in (r.error or "") for r in results)

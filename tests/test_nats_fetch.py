@@ -152,93 +152,79 @@ async def test_an_idle_batch_subscriber_asks_rarely_and_a_message_ends_its_wait(
         await broker.stop()
 
 
+def fail_one_fetch(
+    monkeypatch: pytest.MonkeyPatch, consumer: str, after_a_delivery: bool
+) -> list[int]:
+    """One fetch from `consumer` raises an `APIError`: its first, or the one right after its
+    first fetch that brought messages. Returns that consumer's fetches as they went (how many
+    messages each brought; -1 for the failure)."""
+    monkeypatch.setattr(bus, "FETCH_ERROR_PAUSE_S", 0.05, raising=False)
+    fetch = JetStreamContext.PullSubscription.fetch
+    calls: list[int] = []
+
+    async def injected(self: Any, *args: Any, **kwargs: Any) -> list[Msg]:
+        due = not after_a_delivery or (calls and calls[-1] > 0)
+        if self._consumer == consumer and -1 not in calls and due:
+            calls.append(-1)
+            raise nats.js.errors.APIError(code=400, description="injected")
+        got = await fetch(self, *args, **kwargs)
+        if self._consumer == consumer:
+            calls.append(len(got))
+        return got
+
+    monkeypatch.setattr(JetStreamContext.PullSubscription, "fetch", injected)
+    return calls
+
+
+async def handled_in_batches(url: str, durable: str, count: int, timeout: float) -> list[Any]:
+    """What a batch subscriber `durable` hands its handler, once it has handled `count`
+    messages (TimeoutError past `timeout`)."""
+    handled: list[Any] = []
+    all_there = asyncio.Event()
+    broker = NatsBroker(url)
+
+    @batch_subscriber(broker, durable)
+    async def on_batch(body: list[Any]) -> None:
+        handled.extend(body)
+        if len(handled) >= count:
+            all_there.set()
+
+    await broker.start()
+    try:
+        await asyncio.wait_for(all_there.wait(), timeout)
+    finally:
+        await broker.stop()
+    return handled
+
+
+@pytest.mark.parametrize("after_a_delivery", [False, True], ids=["idle", "after-a-delivery"])
 async def test_a_batch_subscriber_outlives_a_fetch_that_fails_unexpectedly(
     nats_server: NatsServer,
     nc: Client,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    after_a_delivery: bool,
 ) -> None:
     # A fetch can raise what the loop does not expect (nats-py raises `APIError` for a status
     # it does not take for a temporary one). The loop goes on after a pause, and says which
     # consumer failed and how each time (FastStream's task supervisor would restart it at once,
     # in a tight loop for an error that persists, and log the first of each kind only).
-    monkeypatch.setattr(bus, "FETCH_ERROR_PAUSE_S", 0.05, raising=False)
-    fetch = JetStreamContext.PullSubscription.fetch
-    failed: list[str] = []
-
-    async def fails_once(self: Any, *args: Any, **kwargs: Any) -> list[Msg]:
-        if self._consumer == "outlives" and not failed:
-            failed.append(self._consumer)
-            raise nats.js.errors.APIError(code=400, description="injected")
-        return await fetch(self, *args, **kwargs)
-
-    monkeypatch.setattr(JetStreamContext.PullSubscription, "fetch", fails_once)
-    handled: list[Any] = []
-    all_there = asyncio.Event()
-    broker = NatsBroker(nats_server.url)
-
-    @batch_subscriber(broker, "outlives")
-    async def on_batch(body: list[Any]) -> None:
-        handled.extend(body)
-        if len(handled) == 5:
-            all_there.set()
-
-    await broker.start()
-    try:
-        js = nc.jetstream()
-        for i in range(5):
-            await js.publish(subjects.vm_resumed("h1", f"vm{i}"), b"{}")
-        await asyncio.wait_for(all_there.wait(), 10)
-        assert failed == ["outlives"]
-        assert "fetching from outlives failed (APIError" in caplog.text
-    finally:
-        await broker.stop()
-
-
-async def test_what_a_window_gathered_before_a_fetch_failed_is_handled_at_once(
-    nats_server: NatsServer,
-    nc: Client,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    # A fetch fails after the window already holds messages (the next fetch of the same
-    # window). Those messages were delivered: dropped with the failed fetch, they would come
-    # again only after the consumer's ack wait (30 s: a wave waiting on its clock results).
-    monkeypatch.setattr(bus, "FETCH_ERROR_PAUSE_S", 0.05, raising=False)
-    fetch = JetStreamContext.PullSubscription.fetch
-    calls: list[int] = []
-
-    async def fails_after_a_delivery(self: Any, *args: Any, **kwargs: Any) -> list[Msg]:
-        if self._consumer == "gathered" and calls and calls[-1] > 0 and len(calls) == 1:
-            calls.append(-1)
-            raise nats.js.errors.APIError(code=400, description="injected")
-        got = await fetch(self, *args, **kwargs)
-        if self._consumer == "gathered" and not calls and got:
-            calls.append(len(got))
-        return got
-
-    monkeypatch.setattr(JetStreamContext.PullSubscription, "fetch", fails_after_a_delivery)
+    # `after-a-delivery`: the fetch fails once the window already holds messages (the next
+    # fetch of the same window). Those were delivered: dropped with the failed fetch, they
+    # would come again only after the consumer's ack wait (30 s: a wave waiting on its clock
+    # results); they are handled at once.
+    calls = fail_one_fetch(monkeypatch, "outlives", after_a_delivery)
     js = nc.jetstream()
     for i in range(5):
         await js.publish(subjects.vm_resumed("h1", f"vm{i}"), str(i).encode())
-    handled: list[Any] = []
-    all_there = asyncio.Event()
-    broker = NatsBroker(nats_server.url)
-
-    @batch_subscriber(broker, "gathered")
-    async def on_batch(body: list[Any]) -> None:
-        handled.extend(body)
-        if len(handled) >= 5:
-            all_there.set()
-
-    await broker.start()
-    try:
-        await asyncio.wait_for(all_there.wait(), 10)  # far below the ack wait's 30 s
-        assert calls[-1] == -1, calls  # the failure came after a fetch that brought messages
-        assert sorted(handled) == [0, 1, 2, 3, 4], handled  # each once
-        assert "fetching from gathered failed (APIError" in caplog.text
-    finally:
-        await broker.stop()
+    handled = await handled_in_batches(nats_server.url, "outlives", 5, 10)  # ack wait: 30 s
+    assert calls.count(-1) == 1, calls
+    if after_a_delivery:
+        assert calls[0] > 0 and calls[1] == -1, calls  # the failure right after a delivery
+    else:
+        assert calls[0] == -1, calls
+    assert sorted(handled) == [0, 1, 2, 3, 4], handled  # each once
+    assert "fetching from outlives failed (APIError" in caplog.text
 
 
 def thread_states(pid: int) -> list[str]:
