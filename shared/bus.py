@@ -47,7 +47,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.metrics import NoOpMeterProvider
 from pydantic import ValidationError
 
-from shared import subjects
+from shared import liveness, subjects
 from shared.contracts import (
     ErrorReply,
     Event,
@@ -302,7 +302,19 @@ async def _consume_batches(self: BatchPullStreamSubscriber) -> None:
     batch_size = self.pull_sub.batch_size
     window = self.pull_sub.timeout or 0.05
     subscription = self.subscription
+    name = str(getattr(subscription, "_consumer", None) or id(self))
+    try:
+        await _consume_batches_turning(self, subscription, batch_size, window, name)
+    finally:
+        liveness.forget(name)
+
+
+async def _consume_batches_turning(
+    self: BatchPullStreamSubscriber, subscription: Any, batch_size: int, window: float, name: str
+) -> None:
+    """`_consume_batches`'s loop; each turn noted for the service's liveness (`name`)."""
     while self.running:
+        liveness.turned(name)
         messages: list[Msg] = []
         deadline = time.monotonic() + window
         try:

@@ -2,7 +2,9 @@
 """`pp-healthcheck SERVICE`: the container health check of a pausepatch service (exit 0 healthy).
 
 A bus service is healthy when it is pulling from its own durable consumer right now (a pull
-request of it is waiting on the server): it is connected, logged in, and its consume loop runs.
+request of it is waiting on the server): it is connected, logged in, and its consume loop runs;
+and when the liveness files its live processes write in `PP_STATE_DIR` (clock-sync's replicas,
+which share one consumer) name no stuck consume loop (`shared/liveness.py`).
 The notifier is healthy when its Scheduled Events API answers (it opens once its documents caught
 up with the stream). Uses the service's own settings (`PP_NATS_URL`, `PP_NATS_USER`, ...).
 """
@@ -15,9 +17,11 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import nats
 
+from shared import liveness
 from shared.subjects import inbox_prefix
 
 STREAM = "PAUSEPATCH"
@@ -77,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.service == "notifier":
             healthy = answering(os.environ.get("PP_LISTEN", "127.0.0.1:8080"))
         else:
+            # This replica's own consume loops first: a consumer shared with other replicas
+            # looks served as long as any of them pulls.
+            stuck = liveness.problems(Path(os.environ.get("PP_STATE_DIR", ".state")), args.service)
+            if stuck:
+                print("unhealthy: " + "; ".join(stuck), file=sys.stderr)
+                return 1
             durable = DURABLES[args.service]()
             healthy = asyncio.run(pulling(durable))
     except Exception as exc:  # noqa: BLE001 - any failure is "unhealthy", with its reason

@@ -15,6 +15,7 @@ the stream itself: the VM's last `ClockSynced` tells whether its clock was set s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -36,7 +37,7 @@ from pydantic import ValidationError
 
 from services.clock_sync.batcher import HostBatcher
 from services.clock_sync.sync import clock_result, decide, result_id
-from shared import subjects
+from shared import liveness, subjects
 from shared.bus import (
     DUPLICATE_WINDOW_S,
     EventPublisher,
@@ -99,6 +100,7 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
     broker = make_broker(SERVICE, settings, telemetry)
     publisher = EventPublisher(broker)
     pending: set[asyncio.Future[Any]] = set()
+    state: dict[str, asyncio.Future[Any]] = {}
     in_flight = asyncio.Semaphore(settings.clock_in_flight)
 
     tracer = telemetry.tracer("pausepatch.clock_sync")
@@ -394,8 +396,18 @@ def build_app(settings: ClockSyncSettings) -> FastStream:
         await broker.connect()
         await wait_for_stream(broker)
 
+    @app.after_startup
+    async def started() -> None:
+        # This replica's own liveness, for its health check: the consumer it shares with the
+        # other replicas looks served as long as any of them pulls (`shared.liveness`).
+        state["liveness"] = asyncio.ensure_future(liveness.keep(settings.state_dir, SERVICE))
+
     @app.on_shutdown
     async def shutdown() -> None:
+        if "liveness" in state:
+            state["liveness"].cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await state["liveness"]
         # Syncs under way finish (or time out); what is left unacknowledged is redelivered.
         if pending:
             await asyncio.wait(pending, timeout=settings.clock_request_timeout_s)
