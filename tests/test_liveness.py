@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +20,9 @@ from faststream.nats import JStream, NatsBroker, PullSub
 from shared import liveness, subjects
 from shared.client import EventWatcher, PlannerClient
 from shared.devstack import REPO, LocalStack, NatsServer
-from tests.support.fleet import ready, start_core
+from tests.support.fleet import eventually, ready, start_core
 
 HEALTHCHECK = REPO / "deploy" / "docker" / "healthcheck.py"
-
-
-async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Wait (bounded) until `condition()`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise TimeoutError(f"never: {what}")
-        await asyncio.sleep(0.05)
 
 
 def batches(broker: NatsBroker, durable: str, subject: str) -> Any:
@@ -66,15 +55,15 @@ async def test_a_loop_stuck_in_its_handler_is_named_and_an_idle_one_is_not(
 
     await broker.start()
     try:
-        await until(lambda: {"stuck", "idle"} <= set(liveness._turns), 10, "both loops turn")
+        await eventually(lambda: {"stuck", "idle"} <= set(liveness._turns), "both loops turn", 10)
         await nc.jetstream().publish(subjects.vm_resumed("h1", "vm0"), b"{}")
         await asyncio.wait_for(entered.wait(), 10)
-        await until(lambda: liveness.stalled() == ["stuck"], 10, "the stuck loop is named")
+        await eventually(lambda: liveness.stalled() == ["stuck"], "the stuck loop is named", 10)
         liveness.write(tmp_path, "clock-sync")
         (problem,) = liveness.problems(tmp_path, "clock-sync")
         assert "consumer stuck has not turned" in problem, problem
         release.set()
-        await until(lambda: liveness.stalled() == [], 10, "the loop turns again")
+        await eventually(lambda: liveness.stalled() == [], "the loop turns again", 10)
         liveness.write(tmp_path, "clock-sync")
         assert liveness.problems(tmp_path, "clock-sync") == []
     finally:
@@ -124,7 +113,7 @@ async def test_clock_sync_writes_its_liveness_and_its_health_check_reads_it(
             return False
         return "clock-sync-resumed" in body["loops"] and body["stalled"] == []
 
-    await until(written, 30, "clock-sync's liveness file")
+    await eventually(written, "clock-sync's liveness file", 30)
     assert liveness.problems(state_dir, "clock-sync") == []
 
     def health_check() -> subprocess.CompletedProcess[str]:
