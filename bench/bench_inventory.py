@@ -119,11 +119,29 @@ async def publish_round(js: Any, bodies: list[dict[str, Any]], stamp: datetime) 
         await asyncio.gather(*chunk)
 
 
-async def planner_caught_up(client: PlannerClient, stamp: datetime, hosts: int) -> None:
+WAIT_S = 120.0
+"""How long the bench waits for the planner (its stream, its catching up) before it fails."""
+
+
+def planner_state(stack: LocalStack) -> str:
+    """Whether the planner still runs, and its log's last lines (for a bench that gives up)."""
+    planner = stack.services.get("planner")
+    if planner is None:
+        return "planner not started"
+    state = "running" if planner.running else f"exited ({planner.proc and planner.proc.poll()})"
+    return f"planner {state}; its log ends:\n{planner.log_tail(30)}"
+
+
+async def planner_caught_up(
+    client: PlannerClient, stamp: datetime, hosts: int, stack: LocalStack
+) -> None:
     """Until the planner has read the round stamped `stamp`: its last host (by name, published
     last) shows it. The stream is read in order, so every earlier inventory was read too; one
-    host asked for, so that asking costs the planner next to nothing."""
-    while True:
+    host asked for, so that asking costs the planner next to nothing. RuntimeError, with what
+    the planner last showed and its state, past `WAIT_S`."""
+    deadline = time.monotonic() + WAIT_S
+    page: dict[str, Any] = {}
+    while time.monotonic() < deadline:
         page = await client.call("hosts", {"offset": hosts - 1, "limit": 1})
         if page["total"] >= hosts and page["hosts"]:
             last = page["hosts"][0]
@@ -131,6 +149,10 @@ async def planner_caught_up(client: PlannerClient, stamp: datetime, hosts: int) 
             if last["host"] == host_name(hosts - 1) and seen == stamp:
                 return
         await asyncio.sleep(0.1)
+    raise RuntimeError(
+        f"the planner never read the round of {stamp.isoformat()} in {WAIT_S:.0f} s "
+        f"(its last page: {page}); {planner_state(stack)}"
+    )
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -150,15 +172,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             client = PlannerClient(nc, timeout=60)
             js = nc.jetstream()
             # The stream exists once the planner is up; the first round makes every host known.
+            deadline = time.monotonic() + WAIT_S
             while True:
                 try:
                     await js.stream_info(subjects.STREAM_NAME)
                     break
-                except Exception:  # noqa: BLE001 - not declared yet
+                except Exception as exc:  # not declared yet (re-raised past the wait)
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"the stream was never declared ({exc}); {planner_state(stack)}"
+                        ) from exc
                     await asyncio.sleep(0.1)
             first = datetime.now(UTC)
             await publish_round(js, bodies, first)
-            await planner_caught_up(client, first, args.hosts)
+            await planner_caught_up(client, first, args.hosts, stack)
             await asyncio.sleep(2)  # the notifier too, and both idle again
 
             bare = ctx.Process(
@@ -177,9 +204,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 stamp = datetime.now(UTC)
                 await publish_round(js, bodies, stamp)
             published_s = time.perf_counter() - started
-            await planner_caught_up(client, stamp, args.hosts)
+            await planner_caught_up(client, stamp, args.hosts, stack)
             planner_lag_s = time.perf_counter() - started - published_s
-            if not parent.poll(600):
+            if not parent.poll(WAIT_S):
                 raise RuntimeError("the bare reader never read every inventory")
             bare_result = parent.recv()
             await asyncio.sleep(2)  # the notifier's tail
