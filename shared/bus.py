@@ -12,7 +12,6 @@ import logging
 import signal
 import time
 import weakref
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -385,9 +384,9 @@ class RequestRefused(PermissionError):
     that API subject (the server drops the request and reports a permissions violation)."""
 
 
-_REFUSALS: deque[tuple[float, str]] = deque(maxlen=32)
-"""The server's permission violations on JetStream API subjects, as reported to this process's
-connections (`note_refusal`): when, and the server's words."""
+_LAST_REFUSAL: list[tuple[float, str]] = []
+"""The latest permission violation on a JetStream API subject reported to this process's
+connections (`note_refusal`): when, and the server's words (only the latest is ever asked for)."""
 
 
 async def note_refusal(err: Exception) -> None:
@@ -399,14 +398,14 @@ async def note_refusal(err: Exception) -> None:
     text = str(err)
     lowered = text.lower()
     if "permissions violation" in lowered and "$js.api." in lowered:
-        _REFUSALS.append((time.monotonic(), text.removeprefix("nats: ")))
+        _LAST_REFUSAL[:] = [(time.monotonic(), text.removeprefix("nats: "))]
 
 
 def refused_since(since: float) -> str | None:
     """The latest permission violation on a JetStream API subject reported at or after `since`
     (monotonic), if any."""
-    if _REFUSALS and _REFUSALS[-1][0] >= since:
-        return _REFUSALS[-1][1]
+    if _LAST_REFUSAL and _LAST_REFUSAL[0][0] >= since:
+        return _LAST_REFUSAL[0][1]
     return None
 
 
