@@ -11,6 +11,7 @@ import importlib
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -471,7 +472,22 @@ async def test_a_fetch_waiting_when_its_consumers_leader_dies_asks_the_new_leade
                 pass
             await asyncio.sleep(0.1)
         assert nc.stats["reconnects"] == 0, "the client lost its own node: not this case"
-        await js.publish(subjects.host_started("h1"), b"start")
+        # The stream's own leader may have been on the dead node too, and be elected later than
+        # the consumer's (CI once saw the publish find no stream). Publishing is this test's
+        # set-up, not its point: asked again until the stream answers; its message id keeps a
+        # publish whose answer was lost from being stored twice.
+        await bus.until_answered(
+            "publishing the start",
+            lambda: js.publish(
+                subjects.host_started("h1"),
+                b"start",
+                timeout=2,
+                headers={"Nats-Msg-Id": "start-h1"},
+            ),
+            errors=(*bus.UNANSWERED, nats.js.errors.NoStreamResponseError),
+            pause_s=0.1,
+            deadline=time.monotonic() + 30,
+        )
         # nats-py alone: when the 60 s run out, with nothing.
         got = await asyncio.wait_for(fetching, 10)
         assert [m.data for m in got] == [b"start"]
