@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -17,7 +18,7 @@ from opentelemetry.sdk.trace import TracerProvider, sampling
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from services.host_agent.journal import JournalEntry, PauseJournal
+from services.host_agent.journal import HandledEvents, JournalEntry, PauseJournal
 from services.host_agent.libvirt_hypervisor import LibvirtHypervisor
 from services.host_agent.pause_window import PauseWindow, WindowRequest
 from shared.contracts import Event, HostPaused, PatchSpec, VMInfo, VMPaused, VMResumed
@@ -231,6 +232,52 @@ def test_the_journal_is_rewritten_in_place_once_ready_and_replaced_over_an_open_
     journal.record(longer)
     assert PauseJournal(path).load() == longer and path.stat().st_ino != inode
     journal.close()
+
+
+def test_handled_events_are_durable_from_the_first_and_compacted_atomically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real calls, watched: which file each fsync flushed, and each rename, in order.
+    calls: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        real_replace(src, dst)
+        calls.append(("replace", str(src)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / "state" / "handled-events"
+    handled = HandledEvents(path, keep=10)
+    handled.add("e0")  # creates the file: the file and its directory flushed
+    assert calls == [("fsync", str(path)), ("fsync", str(path.parent))]
+    for i in range(1, 20):
+        calls.clear()
+        handled.add(f"e{i}")
+        assert calls == [("fsync", str(path))], i  # up to twice `keep`: appended, each flushed
+    calls.clear()
+    handled.add("e20")  # past twice `keep`: the last ten, flushed before and after the rename
+    tmp = str(path.with_suffix(".tmp"))
+    assert calls == [("fsync", tmp), ("replace", tmp), ("fsync", str(path.parent))]
+    assert path.read_text().split() == [f"e{i}" for i in range(11, 21)]
+    handled.add("e20")  # already there: nothing written
+    assert len(calls) == 3
+    # A restarted agent knows what was kept, and the compacted-away ids no longer.
+    again = HandledEvents(path, keep=10)
+    assert "e20" in again and "e11" in again and "e10" not in again
+
+
+def test_an_append_cut_short_by_a_crash_does_not_swallow_the_next_id(tmp_path: Path) -> None:
+    path = tmp_path / "handled-events"
+    path.write_text("e1\ne2")  # the crash cut "e2\n" before its newline
+    handled = HandledEvents(path)
+    handled.add("e3")
+    assert path.read_text().split() == ["e1", "e2", "e3"]
+    assert "e3" in HandledEvents(path) and "e2" in HandledEvents(path)
 
 
 def test_a_record_cut_short_reads_as_no_window_and_is_kept_aside(tmp_path: Path) -> None:

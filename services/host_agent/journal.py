@@ -108,7 +108,7 @@ class PauseJournal:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        self._sync_dir()
+        _sync_dir(self.path.parent)
         self.close()
         self._fd = os.open(self.path, os.O_RDWR)
         self._size = len(data)
@@ -118,13 +118,6 @@ class PauseJournal:
         os.pwrite(self._fd, data.ljust(self._size), 0)
         os.fdatasync(self._fd)
         self._size = max(self._size, len(data))
-
-    def _sync_dir(self) -> None:
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _canonical(entry: dict[str, Any] | None) -> bytes:
@@ -136,17 +129,27 @@ def _encode(entry: dict[str, Any] | None) -> bytes:
 
 
 class HandledEvents:
-    """Scheduled events this host already ran: a redelivered or replayed start never runs twice."""
+    """Scheduled events this host already ran: a redelivered or replayed start never runs twice.
+
+    One id per line, appended and made durable (`fsync`) before the window opens; the directory
+    is flushed too when the append created the file. Past `2 * keep` ids the file is rewritten
+    with the last `keep` (once every `keep` adds, not at each one), atomically and durably: the
+    new file is flushed before it replaces the old one and the directory after, so a crash
+    leaves either list whole, never an empty file that would let a replayed start run again.
+    """
 
     def __init__(self, path: Path, keep: int = 1000) -> None:
         self.path = path
         self.keep = keep
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._ids = self.path.read_text().split()
+            text = self.path.read_text()
         except FileNotFoundError:
-            self._ids = []
+            text = ""
+        self._ids = text.split()
         self._set = set(self._ids)
+        self._torn = bool(text) and not text.endswith("\n")
+        """The last append was cut short by a crash: the next one starts on a line of its own."""
 
     def __contains__(self, event_id: str) -> bool:
         return event_id in self._set
@@ -157,14 +160,32 @@ class HandledEvents:
             return
         self._ids.append(event_id)
         self._set.add(event_id)
-        if len(self._ids) > self.keep:
+        if len(self._ids) > 2 * self.keep:
             self._ids = self._ids[-self.keep :]
             self._set = set(self._ids)
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("\n".join(self._ids) + "\n")
+            with open(tmp, "w") as f:
+                f.write("\n".join(self._ids) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, self.path)
+            _sync_dir(self.path.parent)
+            self._torn = False
             return
+        created = not self.path.exists()
         with open(self.path, "a") as f:
-            f.write(event_id + "\n")
+            f.write(("\n" if self._torn else "") + event_id + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self._torn = False
+        if created:
+            _sync_dir(self.path.parent)
+
+
+def _sync_dir(directory: Path) -> None:
+    """Flush `directory`'s entries: a file created or renamed in it survives a crash."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
