@@ -102,13 +102,7 @@ class PauseJournal:
             self._fd = None
 
     def _replace(self, data: bytes) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        _sync_dir(self.path.parent)
+        _replace_durably(self.path, data)
         self.close()
         self._fd = os.open(self.path, os.O_RDWR)
         self._size = len(data)
@@ -163,23 +157,27 @@ class HandledEvents:
         if len(self._ids) > 2 * self.keep:
             self._ids = self._ids[-self.keep :]
             self._set = set(self._ids)
-            tmp = self.path.with_suffix(".tmp")
-            with open(tmp, "w") as f:
-                f.write("\n".join(self._ids) + "\n")
+            _replace_durably(self.path, ("\n".join(self._ids) + "\n").encode())
+        else:
+            created = not self.path.exists()
+            with open(self.path, "a") as f:
+                f.write(("\n" if self._torn else "") + event_id + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            _sync_dir(self.path.parent)
-            self._torn = False
-            return
-        created = not self.path.exists()
-        with open(self.path, "a") as f:
-            f.write(("\n" if self._torn else "") + event_id + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            if created:
+                _sync_dir(self.path.parent)
         self._torn = False
-        if created:
-            _sync_dir(self.path.parent)
+
+
+def _replace_durably(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically and durably: a crash leaves the old or the new."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _sync_dir(path.parent)
 
 
 def _sync_dir(directory: Path) -> None:
